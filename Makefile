@@ -1,0 +1,21 @@
+PY ?= .venv/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: install test test-all bench
+
+# A virtual environment with the CPU build of torch (from local disk here) installed before the project,
+# so the project's `torch>=2.1` is already satisfied and no CUDA wheel is fetched.
+install:
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+
+test:
+	$(PY) -m pytest -q
+
+test-all:
+	$(PY) -m pytest -q -m ''
+
+bench:
+	$(PY) -m ldm_inpaint.bench

@@ -1,0 +1,1 @@
+"""Hand-written models: the KL autoencoder (vae), the conditional UNet (unet) and the CLIP text encoders (clip)."""
