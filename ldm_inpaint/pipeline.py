@@ -1,0 +1,272 @@
+"""The sampling loop of latent diffusion: text-to-image, img2img and inpainting with one pipeline.
+
+Follows Rombach et al. 2022 (latent diffusion, the 9-channel inpainting UNet) and Ho & Salimans 2022
+(classifier-free guidance). Every convention that decides the output — the order in which random numbers are
+drawn, the mask and image preprocessing, which timesteps `strength` skips — is diffusers', so the same seed
+gives the same image (see docs/architecture.md and docs/parity.md).
+
+Which task runs is decided by the inputs and the UNet:
+    no image                        → text-to-image
+    image, no mask                  → img2img
+    image + mask, 9-channel UNet    → inpainting, the UNet sees [latent, mask, masked-image latent]
+    image + mask, 4-channel UNet    → inpainting by re-imposing the noised known region after every step
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import schedulers
+from .image import ImageInput, image_size, postprocess, preprocess_image, preprocess_mask, round_size
+from .models.clip import CLIPTextModel
+from .models.unet import UNet
+from .models.vae import AutoencoderKL
+from .noise import Generator, randn
+from .tokenizer import tokenize
+
+logger = logging.getLogger(__name__)
+
+# diffusers scheduler class → our name, for `scheduler=None` (the checkpoint's own choice)
+SCHEDULER_CLASSES = {
+    "DDIMScheduler": "ddim",
+    "PNDMScheduler": "pndm",
+    "DDPMScheduler": "ddpm",
+    "LMSDiscreteScheduler": "lms",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "HeunDiscreteScheduler": "heun",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "UniPCMultistepScheduler": "unipc",
+}
+
+
+@dataclass
+class PipelineOutput:
+    images: object  # list of PIL images, a float array (B, H, W, 3) in [0, 1], or latents (B, 4, H/8, W/8)
+
+
+def _as_prompts(prompt: str | Sequence[str], name: str) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise TypeError(f"`{name}` must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+
+
+class Pipeline:
+    """Text encoder + UNet + VAE + scheduler config; call it like diffusers' StableDiffusionInpaintPipeline."""
+
+    def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer,
+                 scheduler_config: dict, name: str = ""):
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.scheduler_config = scheduler_config
+        self.name = name
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def default_scheduler(self) -> str:
+        cls = self.scheduler_config.get("_class_name", "")
+        if cls not in SCHEDULER_CLASSES:
+            raise ValueError(f"the checkpoint's scheduler {cls!r} is not supported; pass scheduler= one of "
+                             f"{schedulers.available()}")
+        name = SCHEDULER_CLASSES[cls]
+        if self.scheduler_config.get("use_karras_sigmas") and f"{name}_karras" in schedulers.available():
+            name += "_karras"
+        return name
+
+    # -- 1. text ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], clip_skip: int | None = None) -> torch.Tensor:
+        """Prompts → context (B, 77, D): the last layer after the final layer norm, or with clip_skip=k the
+        output k layers earlier, also through the final layer norm (as diffusers does for SD 1.x)."""
+        ids = tokenize(self.tokenizer, prompts).to(self.text_encoder_device)
+        layer = -1 if clip_skip is None else -(clip_skip + 1)
+        return self.text_encoder(ids, hidden_layer=layer).hidden.to(self.dtype)
+
+    @property
+    def text_encoder_device(self) -> torch.device:
+        return next(self.text_encoder.parameters()).device
+
+    # -- 2. images ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_image(self, x: torch.Tensor, generator: Generator) -> torch.Tensor:
+        """Pixels (B, 3, H, W) in [-1, 1] → scaled latents, sampled from the posterior (not its mean), one
+        image at a time with its own generator when a list is given."""
+        x = x.to(self.device, self.vae_dtype)
+        if isinstance(generator, (list, tuple)):
+            z = torch.cat([self.vae.encode(x[i:i + 1]).sample(generator[i]) for i in range(x.shape[0])])
+        else:
+            z = self.vae.encode(x).sample(generator)
+        return self.vae.cfg.scaling_factor * z
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.to(self.vae_dtype) / self.vae.cfg.scaling_factor)
+
+    # -- the call -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        image: ImageInput | None = None,
+        mask_image: ImageInput | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        strength: float | None = None,
+        generator: Generator = None,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        scheduler: str | Callable | None = None,
+        eta: float | None = None,
+        clip_skip: int | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+        **scheduler_overrides,
+    ) -> PipelineOutput:
+        """Generate images. Arguments are named as in diffusers' Stable Diffusion pipelines.
+
+        Args:
+            prompt: a string or one string per batch item.
+            image: the input image(s) for img2img and inpainting (PIL, numpy in [0, 1] or uint8, or a tensor).
+            mask_image: white (≥ 0.5) = repaint, black = keep; any PIL mode, numpy or tensor.
+            negative_prompt: what to steer away from; a string or one per prompt (default "").
+            num_inference_steps: denoising steps before `strength` cuts them.
+            guidance_scale: classifier-free guidance weight; guidance is off at ≤ 1.
+            strength: how much of the schedule to run from the noised input image: 1.0 (the default for
+                inpainting) starts from pure noise, 0.8 is the img2img default.
+            generator: a torch.Generator, or one per output image.
+            num_images_per_prompt: images per prompt.
+            height, width: output size; default the input image's size, else the model's; rounded down to a
+                multiple of 8.
+            scheduler: a name from `ldm_inpaint.schedulers.available()`, a scheduler class, or None for the
+                checkpoint's own; `eta` and other keyword arguments override its config.
+            clip_skip: use the text encoder's output this many layers before the last.
+            output_type: "pil", "np" (float array (B, H, W, 3) in [0, 1]) or "latent".
+            progress: show a progress bar.
+        """
+        in_channels = self.unet.cfg.in_channels
+        inpainting_unet = in_channels == 9
+        task = "txt2img" if image is None else ("img2img" if mask_image is None else "inpaint")
+        if mask_image is not None and image is None:
+            raise ValueError("mask_image was given without image: pass the image to inpaint as well")
+        if task == "inpaint" and image_size(image) != image_size(mask_image):
+            (h, w), (mh, mw) = image_size(image), image_size(mask_image)
+            raise ValueError(f"image is {w}x{h} but mask_image is {mw}x{mh}: give a mask of the image's size")
+        if inpainting_unet and task != "inpaint":
+            raise ValueError(f"{self.name or 'this'} is an inpainting model (9-channel UNet): give both "
+                             "image and mask_image")
+        if strength is None:
+            strength = 0.8 if task == "img2img" else 1.0
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if task == "txt2img" and strength != 1.0:
+            raise ValueError("strength applies only when an image is given")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer ≥ 1, got {num_inference_steps}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be ≥ 0 (1 or less turns guidance off), got {guidance_scale}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be ≥ 1, got {num_images_per_prompt}")
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+
+        prompts = _as_prompts(prompt, "prompt")
+        negatives = _as_prompts("" if negative_prompt is None else negative_prompt, "negative_prompt")
+        if len(negatives) == 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one per prompt")
+        batch = len(prompts) * num_images_per_prompt
+        if isinstance(generator, (list, tuple)) and len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for {batch} images: give one per image or a single one")
+
+        if height is None or width is None:
+            h0, w0 = image_size(image) if image is not None else (self.unet.cfg.sample_size * 8,) * 2
+            height, width = height or h0, width or w0
+        height, width = round_size(height, width)
+        device, dtype = self.device, self.dtype
+        guided = guidance_scale > 1.0
+
+        # 1. text: context (B, 77, D), unconditional half first
+        context = self.encode_prompt(prompts, clip_skip).repeat_interleave(num_images_per_prompt, dim=0)
+        if guided:
+            uncond = self.encode_prompt(negatives).repeat_interleave(num_images_per_prompt, dim=0)
+            context = torch.cat([uncond, context])
+
+        # 2. schedule (cut by strength)
+        if scheduler is None:
+            scheduler = self.default_scheduler()
+        if eta is not None:
+            scheduler_overrides["eta"] = eta
+        sched = schedulers.create(scheduler, self.scheduler_config, num_inference_steps, strength,
+                                  **scheduler_overrides)
+        timesteps = sched.timesteps
+
+        # 3. images, masks and the start latent, drawing random numbers in diffusers' order
+        shape = (batch, 4, height // 8, width // 8)
+        image_latents = mask = masked_latents = None
+        if task == "img2img":
+            x = preprocess_image(image, height, width)
+            if isinstance(generator, (list, tuple)):  # diffusers repeats the images first, then encodes each
+                x = x.repeat(batch // x.shape[0], 1, 1, 1)
+            image_latents = _expand(self.encode_image(x.to(dtype), generator), batch)
+            noise = randn(shape, generator, device, dtype)
+            latents = sched.add_noise(image_latents, noise, 0)
+        else:
+            if task == "inpaint":
+                x = preprocess_image(image, height, width)
+                mask_px = preprocess_mask(mask_image, height, width)
+                if not inpainting_unet or strength < 1.0:
+                    image_latents = _expand(self.encode_image(x.to(dtype), generator), batch)
+            noise = randn(shape, generator, device, dtype)
+            latents = noise * sched.init_noise_sigma if strength == 1.0 else sched.add_noise(image_latents, noise, 0)
+            if task == "inpaint":
+                masked = x * (mask_px < 0.5)  # repainted pixels become 0, mid-grey
+                masked_latents = _expand(self.encode_image(masked.to(dtype), generator), batch).to(dtype)
+                mask = _expand(torch.nn.functional.interpolate(mask_px, size=shape[-2:]), batch).to(device, dtype)
+
+        # 4. denoise
+        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=self.name or "sampling")):
+            x_in = torch.cat([latents] * 2) if guided else latents
+            x_in = sched.scale_model_input(x_in, i)
+            if inpainting_unet:  # mask and masked latents are never scaled by the scheduler
+                extra = torch.cat([mask, masked_latents], dim=1)
+                x_in = torch.cat([x_in, torch.cat([extra] * 2) if guided else extra], dim=1)
+            eps = self.unet(x_in, t, context)
+            if guided:
+                eps_uncond, eps_text = eps.chunk(2)
+                eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
+            latents = sched.step(eps, i, latents, generator=generator)
+            if task == "inpaint" and not inpainting_unet:
+                known = sched.add_noise(image_latents, noise, i + 1) if i + 1 < len(timesteps) else image_latents
+                latents = (1 - mask) * known + mask * latents
+
+        # 5. decode
+        if output_type == "latent":
+            return PipelineOutput(images=latents)
+        return PipelineOutput(images=postprocess(self.decode(latents), output_type))
+
+
+def _expand(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Tile per-image tensors to the batch (prompts × images per prompt), as diffusers does."""
+    if batch % x.shape[0]:
+        raise ValueError(f"{x.shape[0]} images or masks cannot be spread over {batch} outputs: give one, or one "
+                         "per prompt")
+    return x.repeat(batch // x.shape[0], 1, 1, 1)

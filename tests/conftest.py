@@ -1,0 +1,108 @@
+"""Tiny random-weight Stable Diffusion folders in the official diffusers layout, built offline by diffusers and
+transformers (seeded), shared by the pipeline and CLI tests. Nothing here touches the network."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+# No test may download anything: set before huggingface_hub is imported (it reads these once).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from ldm_inpaint.tokenizer import load_tokenizer, write_tokenizer_folder  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "ldm_inpaint" / "configs"
+TEXT_DIM = 32
+
+
+def _perturb(model: torch.nn.Module, scale: float = 0.05) -> None:
+    """Move every parameter off its initial value, so zero-initialised ones cannot hide a wrong wiring."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def tiny_components(in_channels: int):
+    """diffusers/transformers components of a tiny SD 1.5-shaped model: 8× VAE, 2-level UNet, 2-layer CLIP.
+    The VAE's GroupNorms hold two channels per group: with one, a flat input (a fully masked image is all
+    zeros) has zero variance per group and rounding noise gets amplified 1000× by eps = 1e-6."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=in_channels, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_DIM, attention_head_dim=2, norm_num_groups=32)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(16, 32, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=TEXT_DIM, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1))
+    for m in (unet, vae, text_encoder):
+        _perturb(m)
+        m.eval()
+    return unet, vae, text_encoder
+
+
+def build_folder(folder: Path, in_channels: int, family: str) -> Path:
+    """Save a tiny pipeline as diffusers does, with the official scheduler config and tokenizer files."""
+    import diffusers
+
+    unet, vae, text_encoder = tiny_components(in_channels)
+    tok_dir = write_tokenizer_folder(folder / "tokenizer")
+    scheduler_config = json.loads((CONFIGS / family / "scheduler.json").read_text())
+    scheduler_cls = getattr(diffusers, scheduler_config["_class_name"])
+    pipe_cls = diffusers.StableDiffusionInpaintPipeline if in_channels == 9 else diffusers.StableDiffusionPipeline
+    pipe = pipe_cls(vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(tok_dir), unet=unet,
+                    scheduler=scheduler_cls.from_config(scheduler_config), safety_checker=None,
+                    feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    write_tokenizer_folder(folder / "tokenizer")  # the official repos ship vocab.json + merges.txt
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd_inpaint_dir(tmp_path_factory) -> Path:
+    """A tiny SD 1.5-inpainting folder: 9-channel UNet, DDIM scheduler config."""
+    return build_folder(tmp_path_factory.mktemp("tiny-sd15-inpainting"), 9, "sd15-inpainting")
+
+
+@pytest.fixture(scope="session")
+def sd_dir(tmp_path_factory) -> Path:
+    """A tiny plain SD 1.5 folder: 4-channel UNet, PNDM scheduler config."""
+    return build_folder(tmp_path_factory.mktemp("tiny-sd15"), 4, "sd15")
+
+
+def diffusers_pipeline(cls_name: str, folder: Path):
+    import diffusers
+
+    pipe = getattr(diffusers, cls_name).from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_image(width: int = 64, height: int = 48, seed: int = 0) -> Image.Image:
+    """A smooth colourful test picture (smooth so resizing is meaningful)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
+    phase = rng.uniform(0, 6.28, size=3)
+    rgb = np.stack([0.5 + 0.5 * np.sin(6 * xx + 3 * yy + p) for p in phase], axis=-1)
+    return Image.fromarray((rgb * 255).round().astype(np.uint8))
+
+
+def make_mask(width: int = 64, height: int = 48, box=(16, 8, 48, 32)) -> Image.Image:
+    """White (repaint) rectangle on black (keep), mode L."""
+    m = np.zeros((height, width), dtype=np.uint8)
+    x0, y0, x1, y1 = box
+    m[y0:y1, x0:x1] = 255
+    return Image.fromarray(m)
