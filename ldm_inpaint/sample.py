@@ -1,0 +1,117 @@
+"""Command line: python -m ldm_inpaint.sample --image photo.png --mask mask.png --prompt "a red brick wall"
+
+Only file I/O lives here; the flags mirror the arguments of `Pipeline.__call__`, so a seed gives the same image
+as the Python API called with `generator=torch.Generator().manual_seed(seed)`. Each PNG carries the generation
+parameters in its text chunks. Bad input exits with status 2 and a one-line error; an image is written to a
+temporary file and renamed into place, so no partial output is ever left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import tempfile
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-inpainting"
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ldm_inpaint.sample", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers-layout folder or hub repo id (owner/name[@rev])")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--image", default=None, help="input image; without it: text-to-image")
+    p.add_argument("--mask", default=None, help="white = repaint, black = keep; without it: img2img")
+    p.add_argument("--out", default="out.png", help="output PNG; several images become out_0.png, out_1.png, …")
+    p.add_argument("--steps", type=int, default=50, help="num_inference_steps")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--strength", type=float, default=None, help="default 1.0 for inpainting, 0.8 for img2img")
+    p.add_argument("--seed", type=int, default=None, help="default: a random seed, printed and stored in the PNG")
+    p.add_argument("--scheduler", default=None, help="a name from ldm_inpaint.schedulers.available(); "
+                                                      "default: the checkpoint's own")
+    p.add_argument("--num-images", type=int, default=1, help="num_images_per_prompt")
+    p.add_argument("--height", type=int, default=None, help="default: the input image's height")
+    p.add_argument("--width", type=int, default=None, help="default: the input image's width")
+    p.add_argument("--clip-skip", type=int, default=None)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p.parse_args(argv)
+
+
+def output_paths(out: str, n: int) -> list[str]:
+    stem, ext = os.path.splitext(out)
+    if ext.lower() != ".png":
+        raise ValueError(f"--out {out!r}: the output must be a .png file")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {out!r}: folder {folder} does not exist; create it first")
+    return [out] if n == 1 else [f"{stem}_{i}{ext}" for i in range(n)]
+
+
+def save_png(image, path: str, parameters: dict) -> None:
+    """Write atomically: a temporary file in the same folder, renamed over the target when complete."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(parameters))
+    for key, value in parameters.items():
+        info.add_text(key, str(value))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def run(args: argparse.Namespace) -> list[str]:
+    import torch
+
+    from . import load_pipeline
+    from .image import load_image
+
+    paths = output_paths(args.out, args.num_images)  # fail before minutes of loading, not after
+    image = load_image(args.image) if args.image else None
+    mask = load_image(args.mask) if args.mask else None
+    seed = secrets.randbelow(2**31) if args.seed is None else args.seed
+    pipe = load_pipeline(args.model, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
+    scheduler = args.scheduler or pipe.default_scheduler()
+    out = pipe(args.prompt, image=image, mask_image=mask, negative_prompt=args.negative_prompt,
+               num_inference_steps=args.steps, guidance_scale=args.guidance_scale, strength=args.strength,
+               generator=torch.Generator().manual_seed(seed), num_images_per_prompt=args.num_images,
+               height=args.height, width=args.width, scheduler=scheduler, clip_skip=args.clip_skip,
+               progress=not args.no_progress)
+    parameters = dict(prompt=args.prompt, negative_prompt=args.negative_prompt or "", seed=seed, steps=args.steps,
+                      scheduler=scheduler, guidance_scale=args.guidance_scale, strength=args.strength,
+                      model=args.model, dtype=args.dtype)
+    for i, (img, path) in enumerate(zip(out.images, paths)):
+        save_png(img, path, {**parameters, "batch_index": i})
+    return paths
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from weights_convert.common import CheckpointError
+
+    try:
+        paths = run(args)
+    except (ValueError, TypeError, FileNotFoundError, CheckpointError, OSError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, no traceback
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print("\n".join(paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
