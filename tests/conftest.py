@@ -15,6 +15,8 @@ from PIL import Image
 # No test may download anything: set before huggingface_hub is imported (it reads these once).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: tiny models gain nothing from two
+    torch.set_num_threads(1)
 
 from ldm_inpaint.tokenizer import load_tokenizer, write_tokenizer_folder  # noqa: E402
 
