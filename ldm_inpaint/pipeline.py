@@ -14,7 +14,6 @@ Which task runs is decided by the inputs and the UNet:
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -28,21 +27,6 @@ from .models.unet import UNet
 from .models.vae import AutoencoderKL
 from .noise import Generator, randn
 from .tokenizer import tokenize
-
-logger = logging.getLogger(__name__)
-
-# diffusers scheduler class → our name, for `scheduler=None` (the checkpoint's own choice)
-SCHEDULER_CLASSES = {
-    "DDIMScheduler": "ddim",
-    "PNDMScheduler": "pndm",
-    "DDPMScheduler": "ddpm",
-    "LMSDiscreteScheduler": "lms",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "HeunDiscreteScheduler": "heun",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "UniPCMultistepScheduler": "unipc",
-}
 
 
 @dataclass
@@ -74,16 +58,6 @@ class Pipeline:
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
-
-    def default_scheduler(self) -> str:
-        cls = self.scheduler_config.get("_class_name", "")
-        if cls not in SCHEDULER_CLASSES:
-            raise ValueError(f"the checkpoint's scheduler {cls!r} is not supported; pass scheduler= one of "
-                             f"{schedulers.available()}")
-        name = SCHEDULER_CLASSES[cls]
-        if self.scheduler_config.get("use_karras_sigmas") and f"{name}_karras" in schedulers.available():
-            name += "_karras"
-        return name
 
     # -- 1. text ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -156,7 +130,8 @@ class Pipeline:
             height, width: output size; default the input image's size, else the model's; rounded down to a
                 multiple of 8.
             scheduler: a name from `ldm_inpaint.schedulers.available()`, a scheduler class, or None for the
-                checkpoint's own; `eta` and other keyword arguments override its config.
+                checkpoint's own (scheduler/scheduler_config.json); `eta` and other keyword arguments override
+                its config.
             clip_skip: use the text encoder's output this many layers before the last.
             output_type: "pil", "np" (float array (B, H, W, 3) in [0, 1]) or "latent".
             progress: show a progress bar.
@@ -212,7 +187,7 @@ class Pipeline:
 
         # 2. schedule (cut by strength)
         if scheduler is None:
-            scheduler = self.default_scheduler()
+            scheduler = schedulers.from_checkpoint(self.scheduler_config)
         if eta is not None:
             scheduler_overrides["eta"] = eta
         sched = schedulers.create(scheduler, self.scheduler_config, num_inference_steps, strength,

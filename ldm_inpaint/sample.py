@@ -83,11 +83,11 @@ def run(args: argparse.Namespace) -> list[str]:
     mask = load_image(args.mask) if args.mask else None
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed
     pipe = load_pipeline(args.model, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
-    scheduler = args.scheduler or pipe.default_scheduler()
+    scheduler = args.scheduler or pipe.scheduler_config.get("_class_name", "")  # for the PNG: what ran
     out = pipe(args.prompt, image=image, mask_image=mask, negative_prompt=args.negative_prompt,
                num_inference_steps=args.steps, guidance_scale=args.guidance_scale, strength=args.strength,
                generator=torch.Generator().manual_seed(seed), num_images_per_prompt=args.num_images,
-               height=args.height, width=args.width, scheduler=scheduler, clip_skip=args.clip_skip,
+               height=args.height, width=args.width, scheduler=args.scheduler, clip_skip=args.clip_skip,
                progress=not args.no_progress)
     parameters = dict(prompt=args.prompt, negative_prompt=args.negative_prompt or "", seed=seed, steps=args.steps,
                       scheduler=scheduler, guidance_scale=args.guidance_scale, strength=args.strength,

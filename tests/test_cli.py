@@ -43,7 +43,7 @@ def test_cli_writes_the_python_api_image_with_parameters(sd_inpaint_dir, files, 
     assert np.array_equal(np.asarray(written), np.asarray(expected))
     params = json.loads(written.text["parameters"])
     assert params["seed"] == 7 and params["steps"] == 2 and params["prompt"] == "a red brick wall"
-    assert params["scheduler"] == "ddim" and params["model"] == str(sd_inpaint_dir)
+    assert params["scheduler"] == "DDIMScheduler" and params["model"] == str(sd_inpaint_dir)
 
 
 def test_cli_numbers_several_images(sd_inpaint_dir, files, tmp_path):

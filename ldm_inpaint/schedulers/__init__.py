@@ -40,6 +40,29 @@ SCHEDULERS = {
     "unipc": (UniPC, {}),
 }
 
+# a checkpoint's scheduler_config.json names a diffusers class; its own fields then decide the variant
+# (algorithm_type, use_karras_sigmas, …), so these map to classes, not to names that imply fields
+DIFFUSERS_CLASSES = {
+    "DDPMScheduler": DDPM,
+    "DDIMScheduler": DDIM,
+    "PNDMScheduler": PNDM,
+    "LMSDiscreteScheduler": LMS,
+    "EulerDiscreteScheduler": Euler,
+    "EulerAncestralDiscreteScheduler": EulerAncestral,
+    "HeunDiscreteScheduler": Heun,
+    "DPMSolverMultistepScheduler": DPMSolverMultistep,
+    "UniPCMultistepScheduler": UniPC,
+}
+
+
+def from_checkpoint(scheduler_config: dict):
+    """The scheduler class that a diffusers scheduler_config.json asks for."""
+    name = scheduler_config.get("_class_name")
+    if name not in DIFFUSERS_CLASSES:
+        raise ValueError(f"the checkpoint's scheduler {name!r} is not supported; pass scheduler= one of "
+                         f"{', '.join(available())}")
+    return DIFFUSERS_CLASSES[name]
+
 
 def available() -> list[str]:
     return sorted(SCHEDULERS)
