@@ -73,7 +73,9 @@ def _to_unit_tensor(image: ImageInput, height: int, width: int, mode: str) -> to
     if all(isinstance(i, Image.Image) for i in items):
         arrays = [_pil_to_array(i, height, width, mode) for i in items]
         x = torch.from_numpy(np.stack(arrays))
-        return (x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)).contiguous()
+        # a permuted view, not a copy: the VAE then runs channels-last from its first conv, as in diffusers,
+        # whose kernels (and rounding) this reproduces
+        return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
     if all(isinstance(i, np.ndarray) for i in items):
         arrays = [a if a.ndim == 4 else a[None] for a in
                   (i[..., None] if i.ndim == 2 else i for i in items)]  # → (B, H, W, C)

@@ -16,7 +16,7 @@ from torch import nn
 import weights_convert.clip as clip_keys
 import weights_convert.unet as unet_keys
 import weights_convert.vae as vae_keys
-from weights_convert.common import CheckpointError, load_into, read_tensors
+from weights_convert.common import load_into, read_tensors
 
 from .hub import resolve
 from .models.clip import CLIPTextConfig, CLIPTextModel
@@ -30,6 +30,7 @@ WEIGHT_FILES = {
     "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
     "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
     "text_encoder": ("model.safetensors", "pytorch_model.bin"),
+    "text_encoder_2": ("model.safetensors", "pytorch_model.bin"),
 }
 
 
@@ -77,11 +78,13 @@ def load_vae(folder: str, dtype=torch.float32, device="cpu") -> AutoencoderKL:
     return _build(AutoencoderKL, cfg, tensors, vae_keys.diffusers_keys(cfg), "VAE", dtype, device)
 
 
-def load_text_encoder(folder: str, dtype=torch.float32, device="cpu") -> CLIPTextModel:
-    cfg = CLIPTextConfig.from_diffusers(read_config(folder, "text_encoder/config.json"))
-    tensors = read_component_tensors(folder, "text_encoder")
+def load_text_encoder(folder: str, dtype=torch.float32, device="cpu", component: str = "text_encoder") -> CLIPTextModel:
+    # SDXL's second encoder (OpenCLIP ViT-bigG) carries the projection that makes its pooled output
+    cfg = CLIPTextConfig.from_diffusers(read_config(folder, f"{component}/config.json"),
+                                        with_projection=component == "text_encoder_2")
+    tensors = read_component_tensors(folder, component)
     key_map = clip_keys.diffusers_keys(cfg, clip_keys.diffusers_prefix(tensors))
-    return _build(CLIPTextModel, cfg, tensors, key_map, "text encoder", dtype, device,
+    return _build(CLIPTextModel, cfg, tensors, key_map, component.replace("_", " "), dtype, device,
                   ignore=clip_keys.DIFFUSERS_IGNORE)
 
 
@@ -100,13 +103,19 @@ def load_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float32, 
         raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
     folder = resolve(model, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     index = read_config(folder, "model_index.json")
-    if "text_encoder_2" in index and index["text_encoder_2"] and index["text_encoder_2"][0] is not None:
-        raise CheckpointError(f"{model} is an SDXL pipeline, which this version does not load yet")
+    sdxl = bool(index.get("text_encoder_2")) and index["text_encoder_2"][0] is not None
+    # the SDXL 1.0 VAE overflows in half precision (its config says force_upcast); diffusers upcasts it for
+    # every encode and decode, here it is simply loaded in fp32 once
+    force_upcast = VAEConfig.from_diffusers(read_config(folder, "vae/config.json")).force_upcast
+    vae = load_vae(folder, torch.float32 if sdxl and force_upcast else dtype, device)
     return Pipeline(
         unet=load_unet(folder, dtype, device),
-        vae=load_vae(folder, dtype, device),
+        vae=vae,
         text_encoder=load_text_encoder(folder, dtype, device),
         tokenizer=load_tokenizer(os.path.join(folder, "tokenizer")),
+        text_encoder_2=load_text_encoder(folder, dtype, device, "text_encoder_2") if sdxl else None,
+        tokenizer_2=load_tokenizer(os.path.join(folder, "tokenizer_2")) if sdxl else None,
+        force_zeros_for_empty_prompt=sdxl and index.get("force_zeros_for_empty_prompt", True),
         scheduler_config=read_config(folder, "scheduler/scheduler_config.json"),
         name=os.path.basename(os.path.normpath(os.fspath(model))),
     )

@@ -43,13 +43,24 @@ def _as_prompts(prompt: str | Sequence[str], name: str) -> list[str]:
 
 
 class Pipeline:
-    """Text encoder + UNet + VAE + scheduler config; call it like diffusers' StableDiffusionInpaintPipeline."""
+    """Text encoder(s) + UNet + VAE + scheduler config; called like diffusers' Stable Diffusion pipelines.
+
+    SD 1.x has one CLIP ViT-L/14 text encoder; SDXL adds OpenCLIP ViT-bigG (`text_encoder_2`), whose pooled
+    output and six size/crop "time ids" condition the UNet beside the text context."""
 
     def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer,
-                 scheduler_config: dict, name: str = ""):
+                 scheduler_config: dict, text_encoder_2: CLIPTextModel | None = None, tokenizer_2=None,
+                 force_zeros_for_empty_prompt: bool = False, name: str = ""):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.scheduler_config = scheduler_config
+        # SDXL: no negative prompt means zero embeddings, not the encoding of ""
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.name = name
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -59,18 +70,30 @@ class Pipeline:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    @property
+    def vae_dtype(self) -> torch.dtype:  # fp32 when an SDXL VAE's config forces it (see loading.py)
+        return next(self.vae.parameters()).dtype
+
     # -- 1. text ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str], clip_skip: int | None = None) -> torch.Tensor:
-        """Prompts → context (B, 77, D): the last layer after the final layer norm, or with clip_skip=k the
-        output k layers earlier, also through the final layer norm (as diffusers does for SD 1.x)."""
-        ids = tokenize(self.tokenizer, prompts).to(self.text_encoder_device)
-        layer = -1 if clip_skip is None else -(clip_skip + 1)
-        return self.text_encoder(ids, hidden_layer=layer).hidden.to(self.dtype)
+    def encode_prompt(self, prompts: list[str], prompts_2: list[str] | None = None,
+                      clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompts → (context (B, 77, D), pooled (B, P) or None), as diffusers conditions each family.
 
-    @property
-    def text_encoder_device(self) -> torch.device:
-        return next(self.text_encoder.parameters()).device
+        SD 1.x: the last layer after the final layer norm, or with clip_skip=k the output k layers earlier,
+        also through the final layer norm. SDXL: the penultimate layer of both encoders without the final norm
+        (k layers earlier with clip_skip), concatenated to 768 + 1280 wide; pooled = encoder 2's projected EOS."""
+        if not self.is_sdxl:
+            layer = -1 if clip_skip is None else -(clip_skip + 1)
+            ids = tokenize(self.tokenizer, prompts).to(_device_of(self.text_encoder))
+            return self.text_encoder(ids, hidden_layer=layer).hidden.to(self.dtype), None
+        layer = -2 if clip_skip is None else -(clip_skip + 2)
+        ids = tokenize(self.tokenizer, prompts).to(_device_of(self.text_encoder))
+        ids_2 = tokenize(self.tokenizer_2, prompts_2 or prompts).to(_device_of(self.text_encoder_2))
+        hidden = self.text_encoder(ids, hidden_layer=layer, final_norm=False).hidden
+        out_2 = self.text_encoder_2(ids_2, hidden_layer=layer, final_norm=False, pooled=True)
+        context = torch.cat([hidden.to(out_2.hidden.device), out_2.hidden], dim=-1)
+        return context.to(self.device, self.dtype), out_2.pooled.to(self.device, self.dtype)
 
     # -- 2. images ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -82,11 +105,7 @@ class Pipeline:
             z = torch.cat([self.vae.encode(x[i:i + 1]).sample(generator[i]) for i in range(x.shape[0])])
         else:
             z = self.vae.encode(x).sample(generator)
-        return self.vae.cfg.scaling_factor * z
-
-    @property
-    def vae_dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
+        return self.vae.cfg.scaling_factor * z.to(self.dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -101,7 +120,7 @@ class Pipeline:
         mask_image: ImageInput | None = None,
         negative_prompt: str | Sequence[str] | None = None,
         num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         strength: float | None = None,
         generator: Generator = None,
         num_images_per_prompt: int = 1,
@@ -110,21 +129,32 @@ class Pipeline:
         scheduler: str | Callable | None = None,
         eta: float | None = None,
         clip_skip: int | None = None,
+        guidance_rescale: float = 0.0,
+        prompt_2: str | Sequence[str] | None = None,
+        negative_prompt_2: str | Sequence[str] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
         output_type: str = "pil",
         progress: bool = True,
         **scheduler_overrides,
     ) -> PipelineOutput:
-        """Generate images. Arguments are named as in diffusers' Stable Diffusion pipelines.
+        """Generate images. Arguments are named, and default, as in diffusers' Stable Diffusion pipelines.
 
         Args:
             prompt: a string or one string per batch item.
             image: the input image(s) for img2img and inpainting (PIL, numpy in [0, 1] or uint8, or a tensor).
             mask_image: white (≥ 0.5) = repaint, black = keep; any PIL mode, numpy or tensor.
-            negative_prompt: what to steer away from; a string or one per prompt (default "").
+            negative_prompt: what to steer away from; a string or one per prompt (default "", and for SDXL
+                zero embeddings).
             num_inference_steps: denoising steps before `strength` cuts them.
-            guidance_scale: classifier-free guidance weight; guidance is off at ≤ 1.
-            strength: how much of the schedule to run from the noised input image: 1.0 (the default for
-                inpainting) starts from pure noise, 0.8 is the img2img default.
+            guidance_scale: classifier-free guidance weight; off at ≤ 1. Default 7.5 (5.0 for SDXL
+                text-to-image and img2img).
+            strength: the fraction of the schedule run from the noised input image. Default 1.0 for inpainting
+                (0.9999 for SDXL, as diffusers: it skips the first step), 0.8 for img2img (0.3 for SDXL).
             generator: a torch.Generator, or one per output image.
             num_images_per_prompt: images per prompt.
             height, width: output size; default the input image's size, else the model's; rounded down to a
@@ -132,46 +162,28 @@ class Pipeline:
             scheduler: a name from `ldm_inpaint.schedulers.available()`, a scheduler class, or None for the
                 checkpoint's own (scheduler/scheduler_config.json); `eta` and other keyword arguments override
                 its config.
-            clip_skip: use the text encoder's output this many layers before the last.
+            clip_skip: use the text encoder's output this many layers before the usual one.
+            guidance_rescale: φ of Lin et al. 2023 (§3.4): rescale the guided prediction towards the text
+                prediction's standard deviation.
+            prompt_2, negative_prompt_2: SDXL's second text encoder's prompts (default: the first ones).
+            original_size, crops_coords_top_left, target_size (and negative_ forms): SDXL size and crop
+                conditioning (Podell et al. 2023 §2.2), (height, width) and (top, left).
             output_type: "pil", "np" (float array (B, H, W, 3) in [0, 1]) or "latent".
             progress: show a progress bar.
         """
-        in_channels = self.unet.cfg.in_channels
-        inpainting_unet = in_channels == 9
         task = "txt2img" if image is None else ("img2img" if mask_image is None else "inpaint")
-        if mask_image is not None and image is None:
-            raise ValueError("mask_image was given without image: pass the image to inpaint as well")
-        if task == "inpaint" and image_size(image) != image_size(mask_image):
-            (h, w), (mh, mw) = image_size(image), image_size(mask_image)
-            raise ValueError(f"image is {w}x{h} but mask_image is {mw}x{mh}: give a mask of the image's size")
-        if inpainting_unet and task != "inpaint":
-            raise ValueError(f"{self.name or 'this'} is an inpainting model (9-channel UNet): give both "
-                             "image and mask_image")
+        inpainting_unet = self.unet.cfg.in_channels == 9
+        if guidance_scale is None:
+            guidance_scale = 5.0 if self.is_sdxl and task != "inpaint" else 7.5
         if strength is None:
-            strength = 0.8 if task == "img2img" else 1.0
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
-        if task == "txt2img" and strength != 1.0:
-            raise ValueError("strength applies only when an image is given")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer ≥ 1, got {num_inference_steps}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be ≥ 0 (1 or less turns guidance off), got {guidance_scale}")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be ≥ 1, got {num_images_per_prompt}")
-        if output_type not in ("pil", "np", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-
+            strength = {"txt2img": 1.0, "img2img": 0.3 if self.is_sdxl else 0.8,
+                        "inpaint": 0.9999 if self.is_sdxl else 1.0}[task]
+        self._check(task, image, mask_image, num_inference_steps, guidance_scale, strength, num_images_per_prompt,
+                    output_type)
         prompts = _as_prompts(prompt, "prompt")
-        negatives = _as_prompts("" if negative_prompt is None else negative_prompt, "negative_prompt")
-        if len(negatives) == 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one per prompt")
         batch = len(prompts) * num_images_per_prompt
         if isinstance(generator, (list, tuple)) and len(generator) != batch:
             raise ValueError(f"{len(generator)} generators for {batch} images: give one per image or a single one")
-
         if height is None or width is None:
             h0, w0 = image_size(image) if image is not None else (self.unet.cfg.sample_size * 8,) * 2
             height, width = height or h0, width or w0
@@ -179,11 +191,27 @@ class Pipeline:
         device, dtype = self.device, self.dtype
         guided = guidance_scale > 1.0
 
-        # 1. text: context (B, 77, D), unconditional half first
-        context = self.encode_prompt(prompts, clip_skip).repeat_interleave(num_images_per_prompt, dim=0)
+        # 1. text: context (B, 77, D) [+ SDXL pooled (B, P) and time ids (B, 6)], unconditional half first
+        prompts_2 = None if prompt_2 is None else _matching(prompt_2, prompts, "prompt_2")
+        context, pooled = self.encode_prompt(prompts, prompts_2, clip_skip)
         if guided:
-            uncond = self.encode_prompt(negatives).repeat_interleave(num_images_per_prompt, dim=0)
+            if self.is_sdxl and negative_prompt is None and self.force_zeros_for_empty_prompt:
+                uncond, uncond_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
+            else:
+                negatives = _matching("" if negative_prompt is None else negative_prompt, prompts, "negative_prompt")
+                negatives_2 = negatives if negative_prompt_2 is None else _matching(
+                    negative_prompt_2, prompts, "negative_prompt_2")
+                uncond, uncond_pooled = self.encode_prompt(negatives, negatives_2)
             context = torch.cat([uncond, context])
+            pooled = None if pooled is None else torch.cat([uncond_pooled, pooled])
+        context = context.repeat_interleave(num_images_per_prompt, dim=0)  # each row n times, halves kept
+        pooled = None if pooled is None else pooled.repeat_interleave(num_images_per_prompt, dim=0)
+        added = {}
+        if self.is_sdxl:
+            time_ids = _time_ids(task, (height, width), original_size, crops_coords_top_left, target_size,
+                                 negative_original_size, negative_crops_coords_top_left, negative_target_size)
+            time_ids = torch.tensor(time_ids if guided else time_ids[1:], dtype=dtype, device=device)
+            added = dict(text_embeds=pooled, time_ids=time_ids.repeat_interleave(batch, dim=0))
 
         # 2. schedule (cut by strength)
         if scheduler is None:
@@ -201,7 +229,7 @@ class Pipeline:
             x = preprocess_image(image, height, width)
             if isinstance(generator, (list, tuple)):  # diffusers repeats the images first, then encodes each
                 x = x.repeat(batch // x.shape[0], 1, 1, 1)
-            image_latents = _expand(self.encode_image(x.to(dtype), generator), batch)
+            image_latents = _expand(self.encode_image(x, generator), batch)
             noise = randn(shape, generator, device, dtype)
             latents = sched.add_noise(image_latents, noise, 0)
         else:
@@ -209,12 +237,12 @@ class Pipeline:
                 x = preprocess_image(image, height, width)
                 mask_px = preprocess_mask(mask_image, height, width)
                 if not inpainting_unet or strength < 1.0:
-                    image_latents = _expand(self.encode_image(x.to(dtype), generator), batch)
+                    image_latents = _expand(self.encode_image(x, generator), batch)
             noise = randn(shape, generator, device, dtype)
             latents = noise * sched.init_noise_sigma if strength == 1.0 else sched.add_noise(image_latents, noise, 0)
             if task == "inpaint":
                 masked = x * (mask_px < 0.5)  # repainted pixels become 0, mid-grey
-                masked_latents = _expand(self.encode_image(masked.to(dtype), generator), batch).to(dtype)
+                masked_latents = _expand(self.encode_image(masked, generator), batch)
                 mask = _expand(torch.nn.functional.interpolate(mask_px, size=shape[-2:]), batch).to(device, dtype)
 
         # 4. denoise
@@ -224,10 +252,12 @@ class Pipeline:
             if inpainting_unet:  # mask and masked latents are never scaled by the scheduler
                 extra = torch.cat([mask, masked_latents], dim=1)
                 x_in = torch.cat([x_in, torch.cat([extra] * 2) if guided else extra], dim=1)
-            eps = self.unet(x_in, t, context)
+            eps = self.unet(x_in, t, context, **added)
             if guided:
                 eps_uncond, eps_text = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
+                if guidance_rescale > 0:
+                    eps = rescale_guidance(eps, eps_text, guidance_rescale)
             latents = sched.step(eps, i, latents, generator=generator)
             if task == "inpaint" and not inpainting_unet:
                 known = sched.add_noise(image_latents, noise, i + 1) if i + 1 < len(timesteps) else image_latents
@@ -237,6 +267,64 @@ class Pipeline:
         if output_type == "latent":
             return PipelineOutput(images=latents)
         return PipelineOutput(images=postprocess(self.decode(latents), output_type))
+
+    def _check(self, task, image, mask_image, num_inference_steps, guidance_scale, strength, num_images_per_prompt,
+               output_type) -> None:
+        if mask_image is not None and image is None:
+            raise ValueError("mask_image was given without image: pass the image to inpaint as well")
+        if task == "inpaint" and image_size(image) != image_size(mask_image):
+            (h, w), (mh, mw) = image_size(image), image_size(mask_image)
+            raise ValueError(f"image is {w}x{h} but mask_image is {mw}x{mh}: give a mask of the image's size")
+        if self.unet.cfg.in_channels == 9 and task != "inpaint":
+            raise ValueError(f"{self.name or 'this'} is an inpainting model (9-channel UNet): give both "
+                             "image and mask_image")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if task == "txt2img" and strength != 1.0:
+            raise ValueError("strength applies only when an image is given")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer ≥ 1, got {num_inference_steps}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be ≥ 0 (1 or less turns guidance off), got {guidance_scale}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be ≥ 1, got {num_images_per_prompt}")
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+
+
+def rescale_guidance(eps: torch.Tensor, eps_text: torch.Tensor, phi: float) -> torch.Tensor:
+    """Lin et al. 2023 eq. 15–16: match the guided prediction's std to the text prediction's, then blend by φ
+    (against over-exposure with zero-terminal-SNR schedules and high guidance)."""
+    dims = list(range(1, eps.ndim))
+    rescaled = eps * (eps_text.std(dim=dims, keepdim=True) / eps.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * eps
+
+
+def _time_ids(task, size, original_size, crops, target_size, neg_original_size, neg_crops, neg_target_size):
+    """SDXL's [negative, positive] size conditioning rows: (orig_h, orig_w, crop_top, crop_left, target_h,
+    target_w). diffusers' text-to-image pipeline reuses the positive row unless both negative sizes are given;
+    its img2img/inpaint pipelines always build the negative row, but with the positive crop (a quirk kept)."""
+    original_size, target_size = tuple(original_size or size), tuple(target_size or size)
+    positive = [*original_size, *crops, *target_size]
+    if task == "txt2img":
+        if neg_original_size is None or neg_target_size is None:
+            return [positive, positive]
+        return [[*neg_original_size, *neg_crops, *neg_target_size], positive]
+    return [[*(neg_original_size or original_size), *crops, *(neg_target_size or target_size)], positive]
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _matching(prompt: str | Sequence[str], prompts: list[str], name: str) -> list[str]:
+    """A string applies to every prompt; a list must give one per prompt."""
+    items = _as_prompts(prompt, name)
+    if len(items) == 1:
+        items = items * len(prompts)
+    if len(items) != len(prompts):
+        raise ValueError(f"{len(items)} {name}s for {len(prompts)} prompts: give one per prompt")
+    return items
 
 
 def _expand(x: torch.Tensor, batch: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from ldm_inpaint.tokenizer import load_tokenizer, write_tokenizer_folder  # noqa
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "ldm_inpaint" / "configs"
-TEXT_DIM = 32
+TEXT_DIM, TEXT_DIM_2 = 32, 48
 
 
 def _perturb(model: torch.nn.Module, scale: float = 0.05) -> None:
@@ -56,20 +56,63 @@ def tiny_components(in_channels: int):
     return unet, vae, text_encoder
 
 
+def tiny_sdxl_components(in_channels: int):
+    """diffusers/transformers components of a tiny SDXL-shaped model: two text encoders of different kinds
+    (CLIP quick-GELU, OpenCLIP-style GELU + projection), per-level transformer depth, linear projections, no
+    attention at the first level, text_time conditioning."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(0)
+    pooled_dim, time_dim = 32, 8
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=in_channels, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+        cross_attention_dim=TEXT_DIM + TEXT_DIM_2, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=pooled_dim + 6 * time_dim,
+        norm_num_groups=32)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(16, 32, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
+        scaling_factor=0.13025, force_upcast=True)
+    common = dict(vocab_size=49408, num_attention_heads=4, max_position_embeddings=77, bos_token_id=0,
+                  eos_token_id=2, pad_token_id=1)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=TEXT_DIM, num_hidden_layers=3, intermediate_size=37, hidden_act="quick_gelu", **common))
+    text_encoder_2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+        hidden_size=TEXT_DIM_2, num_hidden_layers=3, intermediate_size=43, hidden_act="gelu",
+        projection_dim=pooled_dim, **common))
+    for m in (unet, vae, text_encoder, text_encoder_2):
+        _perturb(m)
+        m.eval()
+    return unet, vae, text_encoder, text_encoder_2
+
+
 def build_folder(folder: Path, in_channels: int, family: str) -> Path:
     """Save a tiny pipeline as diffusers does, with the official scheduler config and tokenizer files."""
     import diffusers
 
-    unet, vae, text_encoder = tiny_components(in_channels)
-    tok_dir = write_tokenizer_folder(folder / "tokenizer")
+    sdxl = family.startswith("sdxl")
     scheduler_config = json.loads((CONFIGS / family / "scheduler.json").read_text())
-    scheduler_cls = getattr(diffusers, scheduler_config["_class_name"])
-    pipe_cls = diffusers.StableDiffusionInpaintPipeline if in_channels == 9 else diffusers.StableDiffusionPipeline
-    pipe = pipe_cls(vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(tok_dir), unet=unet,
-                    scheduler=scheduler_cls.from_config(scheduler_config), safety_checker=None,
-                    feature_extractor=None, requires_safety_checker=False)
+    scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    tokenizer = load_tokenizer(write_tokenizer_folder(folder / "tokenizer"))
+    if sdxl:
+        unet, vae, text_encoder, text_encoder_2 = tiny_sdxl_components(in_channels)
+        tokenizer_2 = load_tokenizer(write_tokenizer_folder(folder / "tokenizer_2", pad_token="!"))
+        cls = diffusers.StableDiffusionXLInpaintPipeline if in_channels == 9 else diffusers.StableDiffusionXLPipeline
+        pipe = cls(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                   tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False)
+    else:
+        unet, vae, text_encoder = tiny_components(in_channels)
+        cls = diffusers.StableDiffusionInpaintPipeline if in_channels == 9 else diffusers.StableDiffusionPipeline
+        pipe = cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
-    write_tokenizer_folder(folder / "tokenizer")  # the official repos ship vocab.json + merges.txt
+    # the official repos ship vocab.json + merges.txt
+    write_tokenizer_folder(folder / "tokenizer")
+    if sdxl:
+        write_tokenizer_folder(folder / "tokenizer_2", pad_token="!")
     return folder
 
 
@@ -85,10 +128,24 @@ def sd_dir(tmp_path_factory) -> Path:
     return build_folder(tmp_path_factory.mktemp("tiny-sd15"), 4, "sd15")
 
 
+@pytest.fixture(scope="session")
+def sdxl_inpaint_dir(tmp_path_factory) -> Path:
+    """A tiny SDXL-inpainting folder: 9-channel UNet with text_time conditioning, Euler scheduler config."""
+    return build_folder(tmp_path_factory.mktemp("tiny-sdxl-inpainting"), 9, "sdxl-inpainting")
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory) -> Path:
+    """A tiny SDXL base folder: 4-channel UNet."""
+    return build_folder(tmp_path_factory.mktemp("tiny-sdxl"), 4, "sdxl-base")
+
+
 def diffusers_pipeline(cls_name: str, folder: Path):
     import diffusers
 
-    pipe = getattr(diffusers, cls_name).from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    extra = dict(add_watermarker=False) if "XL" in cls_name else dict(safety_checker=None,
+                                                                       requires_safety_checker=False)
+    pipe = getattr(diffusers, cls_name).from_pretrained(folder, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

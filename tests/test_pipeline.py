@@ -125,7 +125,7 @@ BAD_CALLS = {
     "mask_size": (dict(mask_image=make_mask(32, 32)), "mask"),
     "no_mask_for_inpainting_model": (dict(mask_image=None), "inpainting model"),
     "bad_output_type": (dict(output_type="jpg"), "output_type"),
-    "negatives_count": (dict(negative_prompt=["a", "b"]), "negative prompts"),
+    "negatives_count": (dict(negative_prompt=["a", "b"]), "negative_prompt"),
 }
 
 

@@ -79,7 +79,10 @@ def load_into(model: nn.Module, tensors: Mapping[str, torch.Tensor], key_map: Ma
             problems.append(f"shape mismatch at {src}: checkpoint {tuple(tensors[src].shape)}, "
                             f"model {tuple(param.shape)}")
             continue
-        state[k] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+        # copy=True: one copy out of the memory-mapped file into fresh, aligned memory (mapped tensors sit at
+        # arbitrary file offsets, which sends CPU kernels down slower, differently-rounding paths)
+        state[k] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None,
+                        copy=True)
     if problems:
         raise CheckpointError(f"{what} checkpoint does not match its config: " + "; ".join(problems[:4])
                               + " (is this the right file for this model and config?)")
