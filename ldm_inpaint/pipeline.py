@@ -180,6 +180,8 @@ class Pipeline:
                         "inpaint": 0.9999 if self.is_sdxl else 1.0}[task]
         self._check(task, image, mask_image, num_inference_steps, guidance_scale, strength, num_images_per_prompt,
                     output_type)
+        if not self.is_sdxl and (prompt_2 is not None or negative_prompt_2 is not None):
+            raise ValueError("prompt_2 and negative_prompt_2 need an SDXL model (it has a second text encoder)")
         prompts = _as_prompts(prompt, "prompt")
         batch = len(prompts) * num_images_per_prompt
         if isinstance(generator, (list, tuple)) and len(generator) != batch:

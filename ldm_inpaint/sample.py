@@ -25,12 +25,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers-layout folder or hub repo id (owner/name[@rev])")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--prompt-2", default=None, help="SDXL: the second text encoder's prompt (default: --prompt)")
+    p.add_argument("--negative-prompt-2", default=None, help="SDXL: default --negative-prompt")
     p.add_argument("--image", default=None, help="input image; without it: text-to-image")
     p.add_argument("--mask", default=None, help="white = repaint, black = keep; without it: img2img")
     p.add_argument("--out", default="out.png", help="output PNG; several images become out_0.png, out_1.png, …")
     p.add_argument("--steps", type=int, default=50, help="num_inference_steps")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--strength", type=float, default=None, help="default 1.0 for inpainting, 0.8 for img2img")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="default 7.5 (SDXL text-to-image and img2img: 5.0)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0)
+    p.add_argument("--strength", type=float, default=None,
+                   help="default 1.0 for inpainting (SDXL 0.9999), 0.8 for img2img (SDXL 0.3)")
     p.add_argument("--seed", type=int, default=None, help="default: a random seed, printed and stored in the PNG")
     p.add_argument("--scheduler", default=None, help="a name from ldm_inpaint.schedulers.available(); "
                                                       "default: the checkpoint's own")
@@ -85,13 +90,16 @@ def run(args: argparse.Namespace) -> list[str]:
     pipe = load_pipeline(args.model, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
     scheduler = args.scheduler or pipe.scheduler_config.get("_class_name", "")  # for the PNG: what ran
     out = pipe(args.prompt, image=image, mask_image=mask, negative_prompt=args.negative_prompt,
-               num_inference_steps=args.steps, guidance_scale=args.guidance_scale, strength=args.strength,
+               prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2, num_inference_steps=args.steps,
+               guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, strength=args.strength,
                generator=torch.Generator().manual_seed(seed), num_images_per_prompt=args.num_images,
                height=args.height, width=args.width, scheduler=args.scheduler, clip_skip=args.clip_skip,
                progress=not args.no_progress)
     parameters = dict(prompt=args.prompt, negative_prompt=args.negative_prompt or "", seed=seed, steps=args.steps,
-                      scheduler=scheduler, guidance_scale=args.guidance_scale, strength=args.strength,
-                      model=args.model, dtype=args.dtype)
+                      scheduler=scheduler, guidance_scale=args.guidance_scale or "default",
+                      strength=args.strength or "default", model=args.model, dtype=args.dtype)
+    if pipe.is_sdxl:
+        parameters.update(prompt_2=args.prompt_2 or args.prompt, negative_prompt_2=args.negative_prompt_2 or "")
     for i, (img, path) in enumerate(zip(out.images, paths)):
         save_png(img, path, {**parameters, "batch_index": i})
     return paths

@@ -59,6 +59,7 @@ BAD = {
     "strength": (["--strength", "1.5"], "strength"),
     "scheduler": (["--scheduler", "fancy"], "available"),
     "out_not_png": (["--out", "{tmp}/out.jpg"], ".png"),
+    "prompt_2_without_sdxl": (["--prompt-2", "a cat"], "SDXL"),
 }
 
 
@@ -70,6 +71,13 @@ def test_cli_bad_input_is_one_line_and_leaves_no_file(sd_inpaint_dir, files, tmp
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and words in err
     assert os.listdir(tmp_path) == []
+
+
+def test_cli_sdxl_takes_second_prompts(sdxl_inpaint_dir, files, tmp_path):
+    out = tmp_path / "xl.png"
+    assert main(cli(sdxl_inpaint_dir, files, out, "--prompt-2", "a cat", "--negative-prompt-2", "dark")) == 0
+    params = json.loads(Image.open(out).text["parameters"])
+    assert params["prompt_2"] == "a cat" and params["negative_prompt_2"] == "dark"
 
 
 def test_cli_missing_model_folder(files, tmp_path, capsys):
