@@ -1,7 +1,7 @@
 PY ?= .venv/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-all bench
+.PHONY: install test test-all bench parity-report
 
 # A virtual environment with the CPU build of torch (from local disk here) installed before the project,
 # so the project's `torch>=2.1` is already satisfied and no CUDA wheel is fetched.
@@ -20,3 +20,11 @@ test-all:
 
 bench:
 	$(PY) -m ldm_inpaint.bench
+
+# the measured parity table of docs/parity.md
+parity-report:
+	rm -f parity.tsv
+	PARITY_REPORT=$(CURDIR)/parity.tsv $(PY) -m pytest -q -n 2 tests/test_unet.py tests/test_vae.py tests/test_clip.py \
+		tests/test_pipeline.py tests/test_sdxl.py tests/test_pipeline_schedulers.py
+	$(PY) tests/parity.py parity.tsv > docs/parity-table.md
+	rm parity.tsv

@@ -10,6 +10,7 @@ import torch
 from ldm_inpaint.models.unet import UNet, UNetConfig
 from weights_convert.common import load_into, read_tensors
 from weights_convert.unet import diffusers_keys
+from parity import record
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -60,7 +61,7 @@ def _max_diff(ref, ours, x, t, sdxl=False):
         got = ours(x, t, context, **added)
     assert expected.abs().max() > 0.1, "reference output is trivially small; the comparison could not fail"
     assert got.shape == expected.shape
-    return (got - expected).abs().max().item()
+    return record((got - expected).abs().max().item())
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from ldm_inpaint.models.vae import AutoencoderKL, VAEConfig
 from weights_convert.common import load_into, read_tensors
 from weights_convert.vae import LEGACY_ATTENTION_NAMES, diffusers_keys, rename_legacy_attention
+from parity import record
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -54,7 +55,7 @@ def _load_native(folder: Path, tensors=None) -> AutoencoderKL:
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape
-    return (a - b).abs().max().item()
+    return record((a - b).abs().max().item())
 
 
 def _generators(seeds: int | list[int]) -> torch.Generator | list[torch.Generator]:
