@@ -1,63 +1,35 @@
-"""Building a pipeline from a diffusers-layout folder (or a hub repo id resolved to one).
+"""Building a pipeline from a diffusers-layout folder, a hub repo id, or an original single-file checkpoint.
 
-Each component is created on the meta device from its `config.json`, then filled once from its weights file
+Each component is created on the meta device from its diffusers config, then filled once from its tensors
 through the explicit key table in `weights_convert/` — strictly: a missing, extra or misshapen tensor is an
-error naming it, never a silently random weight.
+error naming it, never a silently random weight. Single files (CompVis `ldm` / Stability `sgm` layouts) are
+first renamed to the diffusers keys by `weights_convert.single_file`, so both paths share the same loader.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import tempfile
+from typing import Mapping
 
 import torch
 from torch import nn
 
 import weights_convert.clip as clip_keys
+import weights_convert.single_file as single_file
 import weights_convert.unet as unet_keys
 import weights_convert.vae as vae_keys
-from weights_convert.common import load_into, read_tensors
+from weights_convert.common import load_into
 
 from .hub import resolve
 from .models.clip import CLIPTextConfig, CLIPTextModel
 from .models.unet import UNet, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
 from .pipeline import Pipeline
-from .tokenizer import load_tokenizer
+from .tokenizer import EOS_TOKEN, load_tokenizer, write_tokenizer_folder
 
-# weight file names of a component folder, in order of preference (safetensors before pickles)
-WEIGHT_FILES = {
-    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
-    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
-    "text_encoder": ("model.safetensors", "pytorch_model.bin"),
-    "text_encoder_2": ("model.safetensors", "pytorch_model.bin"),
-}
-
-
-def read_config(folder: str, name: str) -> dict:
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: is {folder} a diffusers-layout Stable Diffusion folder?")
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_component_tensors(folder: str, component: str) -> dict[str, torch.Tensor]:
-    """All tensors of one component folder: a single file, or the shards listed in its `.index.json`."""
-    for name in WEIGHT_FILES[component]:
-        path = os.path.join(folder, component, name)
-        if os.path.isfile(path):
-            return read_tensors(path)
-        index = path + ".index.json"
-        if os.path.isfile(index):
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            tensors = {}
-            for shard in shards:
-                tensors.update(read_tensors(os.path.join(folder, component, shard)))
-            return tensors
-    raise FileNotFoundError(f"{os.path.join(folder, component)}: no weights file "
-                            f"({' or '.join(WEIGHT_FILES[component])})")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+TOKENIZER_PADS = {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"}  # OpenCLIP's tokenizer pads with "!" (id 0)
 
 
 def _build(model_cls, cfg, tensors, key_map, what, dtype, device, ignore=()) -> nn.Module:
@@ -66,56 +38,80 @@ def _build(model_cls, cfg, tensors, key_map, what, dtype, device, ignore=()) -> 
     return load_into(model, tensors, key_map, what=what, ignore=ignore, dtype=dtype, device=device).eval()
 
 
-def load_unet(folder: str, dtype=torch.float32, device="cpu") -> UNet:
-    cfg = UNetConfig.from_diffusers(read_config(folder, "unet/config.json"))
-    tensors = read_component_tensors(folder, "unet")
+def build_unet(config: dict, tensors: Mapping[str, torch.Tensor], dtype, device) -> UNet:
+    cfg = UNetConfig.from_diffusers(config)
     return _build(UNet, cfg, tensors, unet_keys.diffusers_keys(cfg), "UNet", dtype, device)
 
 
-def load_vae(folder: str, dtype=torch.float32, device="cpu") -> AutoencoderKL:
-    cfg = VAEConfig.from_diffusers(read_config(folder, "vae/config.json"))
-    tensors = vae_keys.rename_legacy_attention(read_component_tensors(folder, "vae"))
+def build_vae(config: dict, tensors: Mapping[str, torch.Tensor], dtype, device) -> AutoencoderKL:
+    cfg = VAEConfig.from_diffusers(config)
+    tensors = vae_keys.rename_legacy_attention(tensors)
     return _build(AutoencoderKL, cfg, tensors, vae_keys.diffusers_keys(cfg), "VAE", dtype, device)
 
 
-def load_text_encoder(folder: str, dtype=torch.float32, device="cpu", component: str = "text_encoder") -> CLIPTextModel:
+def build_text_encoder(config: dict, tensors: Mapping[str, torch.Tensor], dtype, device,
+                       component: str = "text_encoder") -> CLIPTextModel:
     # SDXL's second encoder (OpenCLIP ViT-bigG) carries the projection that makes its pooled output
-    cfg = CLIPTextConfig.from_diffusers(read_config(folder, f"{component}/config.json"),
-                                        with_projection=component == "text_encoder_2")
-    tensors = read_component_tensors(folder, component)
+    cfg = CLIPTextConfig.from_diffusers(config, with_projection=component == "text_encoder_2")
     key_map = clip_keys.diffusers_keys(cfg, clip_keys.diffusers_prefix(tensors))
     return _build(CLIPTextModel, cfg, tensors, key_map, component.replace("_", " "), dtype, device,
                   ignore=clip_keys.DIFFUSERS_IGNORE)
 
 
+def _tokenizers(folder: str | None, names) -> dict:
+    """The folder's tokenizers, or — for a single file, which holds none — ones made from the CLIP BPE
+    vocabulary that ships with the package (the same for CLIP ViT-L and OpenCLIP ViT-bigG)."""
+    if folder is not None and all(os.path.isdir(os.path.join(folder, n)) for n in names):
+        return {n: load_tokenizer(os.path.join(folder, n)) for n in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        return {n: load_tokenizer(write_tokenizer_folder(os.path.join(tmp, n), pad_token=TOKENIZER_PADS[n]))
+                for n in names}
+
+
 def load_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                  revision: str | None = None, cache_dir: str | None = None,
-                  local_files_only: bool = False) -> Pipeline:
-    """A ready pipeline from a diffusers-layout folder or a hub repo id (`owner/name[@revision]`).
+                  revision: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
+                  config: str | os.PathLike | None = None, use_ema: bool = False) -> Pipeline:
+    """A ready pipeline from a diffusers-layout folder, a hub repo id or a single checkpoint file.
 
     Args:
-        model: folder or repo id, e.g. "stable-diffusion-v1-5/stable-diffusion-inpainting".
+        model: a folder, a repo id (`owner/name[@revision]`, e.g. "stable-diffusion-v1-5/stable-diffusion-inpainting"),
+            or a `.safetensors` / `.ckpt` file in the original CompVis or Stability layout (SD 1.x, SD 1.x
+            inpainting, SDXL base, SDXL inpainting; the family is detected from the keys and shapes).
         dtype: weights and compute dtype (torch.float32, torch.bfloat16, torch.float16).
         device: where the models run.
         revision, cache_dir, local_files_only: as in huggingface_hub, for repo ids.
+        config: single files only: a diffusers folder (or repo id) whose configs and tokenizers to use instead
+            of the official ones of the detected family, as diffusers' `from_single_file(config=...)`.
+        use_ema: single files only: load the UNet's EMA weights (`model_ema.*`) where the file has them.
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
-    folder = resolve(model, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-    index = read_config(folder, "model_index.json")
-    sdxl = bool(index.get("text_encoder_2")) and index["text_encoder_2"][0] is not None
+    hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    if os.path.isfile(model) and os.fspath(model).endswith(SINGLE_FILE_SUFFIXES):
+        config_folder = None if config is None else resolve(config, **hub)
+        sf = single_file.read(model, config=config_folder, ema=use_ema)
+        configs, tensors, index, tokenizer_folder = sf.configs, sf.tensors, sf.model_index, config_folder
+    elif config is not None or use_ema:
+        raise ValueError("config= and use_ema= apply to single-file checkpoints only")
+    else:
+        folder = resolve(model, **hub)
+        configs, tensors = single_file.read_folder(folder)
+        index, tokenizer_folder = single_file.folder_configs(folder, "text_encoder_2" in configs)[1], folder
+
+    sdxl = "text_encoder_2" in configs
     # the SDXL 1.0 VAE overflows in half precision (its config says force_upcast); diffusers upcasts it for
     # every encode and decode, here it is simply loaded in fp32 once
-    force_upcast = VAEConfig.from_diffusers(read_config(folder, "vae/config.json")).force_upcast
-    vae = load_vae(folder, torch.float32 if sdxl and force_upcast else dtype, device)
+    force_upcast = VAEConfig.from_diffusers(configs["vae"]).force_upcast
+    tokenizers = _tokenizers(tokenizer_folder, ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",))
     return Pipeline(
-        unet=load_unet(folder, dtype, device),
-        vae=vae,
-        text_encoder=load_text_encoder(folder, dtype, device),
-        tokenizer=load_tokenizer(os.path.join(folder, "tokenizer")),
-        text_encoder_2=load_text_encoder(folder, dtype, device, "text_encoder_2") if sdxl else None,
-        tokenizer_2=load_tokenizer(os.path.join(folder, "tokenizer_2")) if sdxl else None,
+        unet=build_unet(configs["unet"], tensors["unet"], dtype, device),
+        vae=build_vae(configs["vae"], tensors["vae"], torch.float32 if sdxl and force_upcast else dtype, device),
+        text_encoder=build_text_encoder(configs["text_encoder"], tensors["text_encoder"], dtype, device),
+        tokenizer=tokenizers["tokenizer"],
+        text_encoder_2=(build_text_encoder(configs["text_encoder_2"], tensors["text_encoder_2"], dtype, device,
+                                           "text_encoder_2") if sdxl else None),
+        tokenizer_2=tokenizers.get("tokenizer_2"),
         force_zeros_for_empty_prompt=sdxl and index.get("force_zeros_for_empty_prompt", True),
-        scheduler_config=read_config(folder, "scheduler/scheduler_config.json"),
+        scheduler_config=configs["scheduler"],
         name=os.path.basename(os.path.normpath(os.fspath(model))),
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
@@ -19,8 +21,12 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as e:  # truncated, empty, or not a safetensors file at all
+            raise CheckpointError(f"{path}: not a readable .safetensors file ({e}); is it complete?") from e
     try:
         # weights_only: a pickle can run code when unpickled; this refuses anything but tensors and containers.
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -33,6 +39,30 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+# weight file of each component of a diffusers-layout folder, in order of preference (safetensors first)
+WEIGHT_FILES = {
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "text_encoder": ("model.safetensors", "pytorch_model.bin"),
+    "text_encoder_2": ("model.safetensors", "pytorch_model.bin"),
+}
+
+
+def read_component(folder: str | os.PathLike, component: str) -> dict[str, torch.Tensor]:
+    """All tensors of one component of a diffusers folder: a single file, or the shards of its `.index.json`."""
+    for name in WEIGHT_FILES[component]:
+        path = Path(folder, component, name)
+        if path.is_file():
+            return read_tensors(path)
+        index = Path(f"{path}.index.json")
+        if index.is_file():
+            tensors = {}
+            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                tensors.update(read_tensors(Path(folder, component, shard)))
+            return tensors
+    raise CheckpointError(f"{Path(folder, component)}: no weights file ({' or '.join(WEIGHT_FILES[component])})")
 
 
 def _fit(native_shape: torch.Size, tensor: torch.Tensor) -> torch.Tensor | None:

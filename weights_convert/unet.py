@@ -86,3 +86,78 @@ def diffusers_keys(cfg: UNetConfig) -> dict[str, str]:
         if level > 0:
             keys |= _weight_bias(f"{block}.upsample", f"{block}.upsamplers.0.conv")
     return keys
+
+
+# --- CompVis `ldm` / Stability `sgm` single-file layout (openaimodel.UNetModel under `model.diffusion_model.`) ---
+# The levels are flattened into numbered `input_blocks` / `output_blocks` Sequentials: a ResBlock at `.0`, its
+# transformer at `.1`, a resampler at `.0.op` (down) or after the last member (up); see checkpoint-formats.md §3.
+
+LDM_PREFIX = "model.diffusion_model."
+# native ResBlock leaf → openaimodel ResBlock leaf; the Sequentials' other members (SiLU, dropout) hold nothing
+LDM_RESNET_LEAVES = {
+    "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
+}
+# the ldm SpatialTransformer's inside carries diffusers' names (`_DIFFUSERS_TRANSFORMER_LEAVES`)
+LDM_TRANSFORMER_LEAVES = _DIFFUSERS_TRANSFORMER_LEAVES
+
+
+def _ldm_resnet(native: str, ckpt: str, shortcut: bool) -> dict[str, str]:
+    keys = {}
+    for ours, theirs in LDM_RESNET_LEAVES.items():
+        if ours != "conv_shortcut" or shortcut:
+            keys |= _weight_bias(f"{native}.{ours}", f"{ckpt}.{theirs}")
+    return keys
+
+
+def ldm_keys(cfg: UNetConfig, prefix: str = LDM_PREFIX) -> dict[str, str]:
+    """{native key: single-file key} for every UNet parameter, in the CompVis `ldm` (SD 1.x) and Stability `sgm`
+    (SDXL) layouts, which name the UNet alike; `prefix` is put before every key."""
+    channels, L = cfg.block_out_channels, cfg.layers_per_block
+    n = len(channels)
+    keys = {}
+    for ours, theirs in (("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
+                         ("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"), ("conv_out", "out.2")):
+        keys |= _weight_bias(ours, prefix + theirs)
+    if cfg.add_embed_in_dim is not None:  # SDXL's micro-conditioning MLP (sgm `label_emb`)
+        keys |= _weight_bias("add_embedding.linear_1", f"{prefix}label_emb.0.0")
+        keys |= _weight_bias("add_embedding.linear_2", f"{prefix}label_emb.0.2")
+
+    for i in range(n):
+        first = 1 + i * (L + 1)  # input_blocks.0 is conv_in; each level holds L blocks plus its downsampler
+        for j in range(L):
+            block = f"{prefix}input_blocks.{first + j}"
+            shortcut = j == 0 and i > 0 and channels[i - 1] != channels[i]
+            keys |= _ldm_resnet(f"down_blocks.{i}.resnets.{j}", f"{block}.0", shortcut)
+            if cfg.cross_attention_levels[i]:
+                keys |= _diffusers_transformer(f"down_blocks.{i}.attentions.{j}", f"{block}.1",
+                                               cfg.transformer_layers_per_block[i])
+        if i < n - 1:
+            keys |= _weight_bias(f"down_blocks.{i}.downsample", f"{prefix}input_blocks.{first + L}.0.op")
+
+    keys |= _ldm_resnet("mid_block.resnet_1", f"{prefix}middle_block.0", shortcut=False)
+    keys |= _diffusers_transformer("mid_block.attention", f"{prefix}middle_block.1",
+                                   cfg.transformer_layers_per_block[-1])
+    keys |= _ldm_resnet("mid_block.resnet_2", f"{prefix}middle_block.2", shortcut=False)
+
+    for u, level in enumerate(reversed(range(n))):
+        cross = cfg.cross_attention_levels[level]
+        for j in range(L + 1):
+            block = f"{prefix}output_blocks.{u * (L + 1) + j}"
+            keys |= _ldm_resnet(f"up_blocks.{u}.resnets.{j}", f"{block}.0", shortcut=True)
+            if cross:
+                keys |= _diffusers_transformer(f"up_blocks.{u}.attentions.{j}", f"{block}.1",
+                                               cfg.transformer_layers_per_block[level])
+        if level > 0:  # the upsampler follows the level's last ResBlock (and its transformer, if any)
+            block = f"{prefix}output_blocks.{u * (L + 1) + L}"
+            keys |= _weight_bias(f"up_blocks.{u}.upsample", f"{block}.{2 if cross else 1}.conv")
+    return keys
+
+
+def ldm_ema_key(key: str) -> str:
+    """The name of the EMA shadow of one single-file UNet key: ldm's `LitEma` registers one buffer per parameter
+    of the `model` wrapper, named by deleting every "." (`model.diffusion_model.out.0.weight` →
+    `model_ema.diffusion_modelout0weight`)."""
+    if not key.startswith(LDM_PREFIX):
+        raise ValueError(f"{key} is not under {LDM_PREFIX}")
+    return "model_ema." + key[len("model."):].replace(".", "")

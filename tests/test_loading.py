@@ -1,0 +1,76 @@
+"""load_pipeline on every source it accepts: a diffusers folder, a single .safetensors or .ckpt file in the
+original layout (fp32 or fp16 storage, with the official extra tensors), and the same images from each."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_image, make_mask
+from safetensors.torch import load_file, save_file
+
+import ldm_inpaint
+from weights_convert.__main__ import main as convert
+from weights_convert.common import CheckpointError
+
+CASES = {"sd15-inpainting": ("sd_inpaint_dir", True), "sdxl-inpainting": ("sdxl_inpaint_dir", True),
+         "sd15": ("sd_dir", False)}
+
+
+def image(pipe, inpaint):
+    kw = dict(image=make_image(), mask_image=make_mask()) if inpaint else dict(height=48, width=64)
+    return pipe("a red brick wall", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                output_type="np", progress=False, **kw).images
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_single_file_gives_the_folder_image(family, request, tmp_path):
+    fixture, inpaint = CASES[family]
+    folder = request.getfixturevalue(fixture)
+    single = tmp_path / "model.safetensors"
+    assert convert([str(folder), str(single)]) == 0
+    expected = image(ldm_inpaint.load_pipeline(folder), inpaint)
+    got = image(ldm_inpaint.load_pipeline(single, config=folder), inpaint)
+    assert np.array_equal(got, expected)
+
+
+def test_ckpt_fp16_with_official_extras_loads(sd_inpaint_dir, tmp_path):
+    single = tmp_path / "model.safetensors"
+    assert convert([str(sd_inpaint_dir), str(single)]) == 0
+    tensors = {k: t.half() for k, t in load_file(single).items()}
+    tensors["alphas_cumprod"] = torch.ones(1000)  # schedule buffers and EMA counters ship in official files
+    tensors["model_ema.decay"] = torch.tensor(0.9999)
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": tensors, "global_step": 1}, ckpt)
+    pipe = ldm_inpaint.load_pipeline(ckpt, config=sd_inpaint_dir)
+    ref = ldm_inpaint.load_pipeline(sd_inpaint_dir)
+    assert torch.equal(pipe.unet.conv_in.weight, ref.unet.conv_in.weight.half().float())
+    assert image(pipe, True).shape == (1, 48, 64, 3)
+
+
+def test_single_file_with_a_missing_key_is_refused(sd_inpaint_dir, tmp_path):
+    single = tmp_path / "model.safetensors"
+    assert convert([str(sd_inpaint_dir), str(single)]) == 0
+    tensors = load_file(single)
+    tensors.pop("model.diffusion_model.out.2.bias")
+    save_file(tensors, single)
+    with pytest.raises(CheckpointError, match="out.2.bias|conv_out.bias"):
+        ldm_inpaint.load_pipeline(single, config=sd_inpaint_dir)
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, this is text", b"\x08\x00\x00\x00\x00\x00\x00\x00{}"])
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, content):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(content)
+    with pytest.raises(CheckpointError):
+        ldm_inpaint.load_pipeline(bad)
+
+
+def test_config_only_with_single_files(sd_inpaint_dir):
+    with pytest.raises(ValueError, match="single-file"):
+        ldm_inpaint.load_pipeline(sd_inpaint_dir, config=sd_inpaint_dir)
+
+
+def test_unknown_repo_offline_is_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+        ldm_inpaint.load_pipeline("nobody-here/no-such-model")
