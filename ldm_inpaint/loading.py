@@ -70,7 +70,8 @@ def _tokenizers(folder: str | None, names) -> dict:
 
 def load_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   revision: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
-                  config: str | os.PathLike | None = None, use_ema: bool = False) -> Pipeline:
+                  variant: str | None = None, config: str | os.PathLike | None = None,
+                  use_ema: bool = False) -> Pipeline:
     """A ready pipeline from a diffusers-layout folder, a hub repo id or a single checkpoint file.
 
     Args:
@@ -80,6 +81,7 @@ def load_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float32, 
         dtype: weights and compute dtype (torch.float32, torch.bfloat16, torch.float16).
         device: where the models run.
         revision, cache_dir, local_files_only: as in huggingface_hub, for repo ids.
+        variant: weight files of a variant, e.g. "fp16" for `model.fp16.safetensors` (folders and repo ids).
         config: single files only: a diffusers folder (or repo id) whose configs and tokenizers to use instead
             of the official ones of the detected family, as diffusers' `from_single_file(config=...)`.
         use_ema: single files only: load the UNet's EMA weights (`model_ema.*`) where the file has them.
@@ -94,8 +96,8 @@ def load_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float32, 
     elif config is not None or use_ema:
         raise ValueError("config= and use_ema= apply to single-file checkpoints only")
     else:
-        folder = resolve(model, **hub)
-        configs, tensors = single_file.read_folder(folder)
+        folder = resolve(model, variant=variant, **hub)
+        configs, tensors = single_file.read_folder(folder, variant)
         index, tokenizer_folder = single_file.folder_configs(folder, "text_encoder_2" in configs)[1], folder
 
     sdxl = "text_encoder_2" in configs

@@ -74,3 +74,48 @@ def test_config_only_with_single_files(sd_inpaint_dir):
 def test_unknown_repo_offline_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
         ldm_inpaint.load_pipeline("nobody-here/no-such-model")
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_hub_downloads_only_one_variant_of_the_weights(variant):
+    from fnmatch import fnmatch
+
+    from ldm_inpaint.hub import weight_patterns
+
+    files = ["unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+             "text_encoder_2/model-00001-of-00002.safetensors", "text_encoder_2/model.fp16-00001-of-00002.safetensors",
+             "unet/diffusion_pytorch_model.bin", "safety_checker/model.safetensors"]
+    wanted = [f for f in files if any(fnmatch(f, p) for p in weight_patterns(variant, "safetensors"))]
+    if variant is None:
+        assert wanted == ["unet/diffusion_pytorch_model.safetensors", "text_encoder_2/model-00001-of-00002.safetensors"]
+    else:
+        assert wanted == ["unet/diffusion_pytorch_model.fp16.safetensors",
+                          "text_encoder_2/model.fp16-00001-of-00002.safetensors"]
+
+
+def test_folder_variant_files_load(sd_inpaint_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(sd_inpaint_dir, folder)
+    for c, name in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")]:
+        tensors = {k: t.half() for k, t in load_file(folder / c / f"{name}.safetensors").items()}
+        save_file(tensors, folder / c / f"{name}.fp16.safetensors")
+    pipe = ldm_inpaint.load_pipeline(folder, variant="fp16")
+    assert pipe.unet.conv_in.weight.dtype == torch.float32  # fp16 storage, loaded in the asked dtype
+    ref = ldm_inpaint.load_pipeline(folder)
+    assert torch.equal(pipe.unet.conv_in.weight, ref.unet.conv_in.weight.half().float())
+
+
+def test_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": Exploit()}, bad)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        ldm_inpaint.load_pipeline(bad)
+    assert not marker.exists()

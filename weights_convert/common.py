@@ -50,9 +50,13 @@ WEIGHT_FILES = {
 }
 
 
-def read_component(folder: str | os.PathLike, component: str) -> dict[str, torch.Tensor]:
-    """All tensors of one component of a diffusers folder: a single file, or the shards of its `.index.json`."""
+def read_component(folder: str | os.PathLike, component: str, variant: str | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of one component of a diffusers folder: a single file, or the shards of its `.index.json`;
+    `variant` ("fp16") reads `model.fp16.safetensors`-style files."""
     for name in WEIGHT_FILES[component]:
+        if variant:
+            stem, ext = name.rsplit(".", 1)
+            name = f"{stem}.{variant}.{ext}"
         path = Path(folder, component, name)
         if path.is_file():
             return read_tensors(path)
@@ -62,7 +66,8 @@ def read_component(folder: str | os.PathLike, component: str) -> dict[str, torch
             for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
                 tensors.update(read_tensors(Path(folder, component, shard)))
             return tensors
-    raise CheckpointError(f"{Path(folder, component)}: no weights file ({' or '.join(WEIGHT_FILES[component])})")
+    raise CheckpointError(f"{Path(folder, component)}: no weights file ({' or '.join(WEIGHT_FILES[component])}"
+                          f"{f', variant {variant}' if variant else ''})")
 
 
 def _fit(native_shape: torch.Size, tensor: torch.Tensor) -> torch.Tensor | None:

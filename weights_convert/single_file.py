@@ -157,12 +157,13 @@ def folder_configs(folder: str | os.PathLike, xl: bool) -> tuple[dict[str, dict]
     return configs, _read_json(folder / "model_index.json")
 
 
-def read_folder(folder: str | os.PathLike) -> tuple[dict[str, dict], dict[str, dict[str, torch.Tensor]]]:
+def read_folder(folder: str | os.PathLike, variant: str | None = None
+                ) -> tuple[dict[str, dict], dict[str, dict[str, torch.Tensor]]]:
     """The configs and per-component tensors of a diffusers-layout SD 1.x / SDXL folder."""
     index = _read_json(Path(folder) / "model_index.json")
     xl = bool(index.get("text_encoder_2")) and index["text_encoder_2"][0] is not None
     configs, _ = folder_configs(folder, xl)
-    return configs, {c: read_component(folder, c) for c in COMPONENTS[xl]}
+    return configs, {c: read_component(folder, c, variant) for c in COMPONENTS[xl]}
 
 
 # --- key tables ---
