@@ -6,7 +6,8 @@
     out.images[0].save("out.png")
 """
 
+from .inpaint import mask_from_alpha, outpaint
 from .loading import load_pipeline
 from .pipeline import Pipeline, PipelineOutput
 
-__all__ = ["load_pipeline", "Pipeline", "PipelineOutput"]
+__all__ = ["load_pipeline", "Pipeline", "PipelineOutput", "outpaint", "mask_from_alpha"]

@@ -10,6 +10,9 @@ Which task runs is decided by the inputs and the UNet:
     image, no mask                  → img2img
     image + mask, 9-channel UNet    → inpainting, the UNet sees [latent, mask, masked-image latent]
     image + mask, 4-channel UNet    → inpainting by re-imposing the noised known region after every step
+
+Options that keep the input picture (mask edits, "only masked" crops, paste-back) live in inpaint.py; they
+run before stage 1 and after the decode, so the sampling loop itself is unchanged by them.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import schedulers
 from .image import ImageInput, image_size, postprocess, preprocess_image, preprocess_mask, round_size
+from .inpaint import PasteBack, blur_masks, edit_masks
 from .models.clip import CLIPTextModel
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
@@ -97,11 +102,13 @@ class Pipeline:
 
     # -- 2. images ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_image(self, x: torch.Tensor, generator: Generator) -> torch.Tensor:
+    def encode_image(self, x: torch.Tensor, generator: Generator, sample: bool = True) -> torch.Tensor:
         """Pixels (B, 3, H, W) in [-1, 1] → scaled latents, sampled from the posterior (not its mean), one
-        image at a time with its own generator when a list is given."""
+        image at a time with its own generator when a list is given; sample=False: the mean, drawing nothing."""
         x = x.to(self.device, self.vae_dtype)
-        if isinstance(generator, (list, tuple)):
+        if not sample:
+            z = self.vae.encode(x).mode()
+        elif isinstance(generator, (list, tuple)):
             z = torch.cat([self.vae.encode(x[i:i + 1]).sample(generator[i]) for i in range(x.shape[0])])
         else:
             z = self.vae.encode(x).sample(generator)
@@ -138,6 +145,12 @@ class Pipeline:
         negative_original_size: tuple[int, int] | None = None,
         negative_crops_coords_top_left: tuple[int, int] = (0, 0),
         negative_target_size: tuple[int, int] | None = None,
+        preserve_unmasked: bool = False,
+        mask_blur: float = 0,
+        mask_grow: int = 0,
+        invert_mask: bool = False,
+        padding_mask_crop: int | None = None,
+        masked_latents_blend: bool = False,
         output_type: str = "pil",
         progress: bool = True,
         **scheduler_overrides,
@@ -168,6 +181,19 @@ class Pipeline:
             prompt_2, negative_prompt_2: SDXL's second text encoder's prompts (default: the first ones).
             original_size, crops_coords_top_left, target_size (and negative_ forms): SDXL size and crop
                 conditioning (Podell et al. 2023 §2.2), (height, width) and (top, left).
+            preserve_unmasked: return the input picture, at its own size, byte for byte wherever the mask is 0
+                and farther than 4·mask_blur + 2 px from it; the generated pixels on the mask; a smooth blend
+                between (see docs/inpainting.md).
+            mask_blur: Gaussian blur of the mask, px (diffusers' `mask_processor.blur(mask, blur_factor)`).
+            mask_grow: grow the mask by this many px; negative shrinks it. An empty result is an error.
+            invert_mask: repaint the black part instead of the white.
+            padding_mask_crop: inpaint only a box around the mask plus this many px of context, resized to
+                height × width (default: the model's size, 512 or 1024, as diffusers), and paste the result
+                back into the full-size picture (diffusers' padding_mask_crop; a padding past the image's
+                edges is clamped to them).
+            masked_latents_blend: 9-channel models: also re-impose the known region's latents after each step,
+                as 4-channel models always do, so the unmasked area drifts less before the decode.
+                Off by default (diffusers' behaviour); a no-op for 4-channel models.
             output_type: "pil", "np" (float array (B, H, W, 3) in [0, 1]) or "latent".
             progress: show a progress bar.
         """
@@ -186,12 +212,26 @@ class Pipeline:
         batch = len(prompts) * num_images_per_prompt
         if isinstance(generator, (list, tuple)) and len(generator) != batch:
             raise ValueError(f"{len(generator)} generators for {batch} images: give one per image or a single one")
-        if height is None or width is None:
-            h0, w0 = image_size(image) if image is not None else (self.unet.cfg.sample_size * 8,) * 2
+        self._check_picture_options(task, output_type, preserve_unmasked, mask_blur, mask_grow, invert_mask,
+                                    padding_mask_crop, masked_latents_blend)
+        if height is None or width is None:  # the crop is resized to the model's size, as diffusers does
+            h0, w0 = (image_size(image) if image is not None and padding_mask_crop is None
+                      else (self.unet.cfg.sample_size * 8,) * 2)
             height, width = height or h0, width or w0
         height, width = round_size(height, width)
         device, dtype = self.device, self.dtype
         guided = guidance_scale > 1.0
+
+        # 0. the mask as edited (invert, grow, then blur), and how the result goes back into the input picture;
+        #    padding_mask_crop: from here on, image and mask are the box around the mask, at height × width
+        paste = None
+        if task == "inpaint":
+            mask_image = edit_masks(mask_image, invert_mask, mask_grow)
+            if preserve_unmasked or padding_mask_crop is not None:
+                paste = PasteBack.build(image, mask_image, preserve_unmasked, mask_blur)
+            mask_image = blur_masks(mask_image, mask_blur)
+            if padding_mask_crop is not None:
+                image, mask_image = paste.crop(image, mask_image, width, height, padding_mask_crop)
 
         # 1. text: context (B, 77, D) [+ SDXL pooled (B, P) and time ids (B, 6)], unconditional half first
         prompts_2 = None if prompt_2 is None else _matching(prompt_2, prompts, "prompt_2")
@@ -246,6 +286,9 @@ class Pipeline:
                 masked = x * (mask_px < 0.5)  # repainted pixels become 0, mid-grey
                 masked_latents = _expand(self.encode_image(masked, generator), batch)
                 mask = _expand(torch.nn.functional.interpolate(mask_px, size=shape[-2:]), batch).to(device, dtype)
+                if masked_latents_blend and image_latents is None:  # the mean: no random number drawn
+                    image_latents = _expand(self.encode_image(x, generator, sample=False), batch)
+        blend = task == "inpaint" and (not inpainting_unet or masked_latents_blend)
 
         # 4. denoise
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=self.name or "sampling")):
@@ -261,14 +304,21 @@ class Pipeline:
                 if guidance_rescale > 0:
                     eps = rescale_guidance(eps, eps_text, guidance_rescale)
             latents = sched.step(eps, i, latents, generator=generator)
-            if task == "inpaint" and not inpainting_unet:
+            if blend:
                 known = sched.add_noise(image_latents, noise, i + 1) if i + 1 < len(timesteps) else image_latents
                 latents = (1 - mask) * known + mask * latents
 
         # 5. decode
         if output_type == "latent":
             return PipelineOutput(images=latents)
-        return PipelineOutput(images=postprocess(self.decode(latents), output_type))
+        if paste is None:
+            return PipelineOutput(images=postprocess(self.decode(latents), output_type))
+
+        # 6. paste back into the input picture, at its own size
+        images = paste(postprocess(self.decode(latents), "pil"))
+        if output_type == "np":
+            images = np.stack([np.asarray(i, dtype=np.float32) / 255 for i in images])
+        return PipelineOutput(images=images)
 
     def _check(self, task, image, mask_image, num_inference_steps, guidance_scale, strength, num_images_per_prompt,
                output_type) -> None:
@@ -292,6 +342,20 @@ class Pipeline:
             raise ValueError(f"num_images_per_prompt must be ≥ 1, got {num_images_per_prompt}")
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+
+    def _check_picture_options(self, task, output_type, preserve_unmasked, mask_blur, mask_grow, invert_mask,
+                               padding_mask_crop, masked_latents_blend) -> None:
+        used = [name for name, v in [("preserve_unmasked", preserve_unmasked), ("mask_blur", mask_blur),
+                                     ("mask_grow", mask_grow), ("invert_mask", invert_mask),
+                                     ("padding_mask_crop", padding_mask_crop is not None),
+                                     ("masked_latents_blend", masked_latents_blend)] if v]
+        if used and task != "inpaint":
+            raise ValueError(f"{', '.join(used)} need(s) an image and a mask_image (inpainting)")
+        if (preserve_unmasked or padding_mask_crop is not None) and output_type == "latent":
+            raise ValueError("preserve_unmasked and padding_mask_crop paste pixels back: use output_type "
+                             "'pil' or 'np', not 'latent'")
+        if not isinstance(mask_blur, (int, float)) or mask_blur < 0:
+            raise ValueError(f"mask_blur must be a number ≥ 0 (px), got {mask_blur!r}")
 
 
 def rescale_guidance(eps: torch.Tensor, eps_text: torch.Tensor, phi: float) -> torch.Tensor:

@@ -28,7 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-2", default=None, help="SDXL: the second text encoder's prompt (default: --prompt)")
     p.add_argument("--negative-prompt-2", default=None, help="SDXL: default --negative-prompt")
     p.add_argument("--image", default=None, help="input image; without it: text-to-image")
-    p.add_argument("--mask", default=None, help="white = repaint, black = keep; without it: img2img")
+    p.add_argument("--mask", default=None, help="white = repaint, black = keep; without it: the image's transparent "
+                   "pixels if it has an alpha channel, else img2img")
     p.add_argument("--out", default="out.png", help="output PNG; several images become out_0.png, out_1.png, …")
     p.add_argument("--steps", type=int, default=50, help="num_inference_steps")
     p.add_argument("--guidance-scale", type=float, default=None,
@@ -43,10 +44,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--height", type=int, default=None, help="default: the input image's height")
     p.add_argument("--width", type=int, default=None, help="default: the input image's width")
     p.add_argument("--clip-skip", type=int, default=None)
+    g = p.add_argument_group("keeping the picture (see docs/inpainting.md)")
+    g.add_argument("--preserve-unmasked", action="store_true",
+                   help="return the input's own pixels away from the mask (recommended for photos)")
+    g.add_argument("--mask-blur", type=float, default=0, help="Gaussian blur of the mask, px")
+    g.add_argument("--mask-grow", type=int, default=0, help="grow the mask by N px; negative shrinks it")
+    g.add_argument("--invert-mask", action="store_true", help="repaint the black part instead of the white")
+    g.add_argument("--crop-to-mask", type=int, default=None, metavar="N",
+                   help="inpaint only a box around the mask plus N px, at the model's size, and paste it back")
+    g.add_argument("--masked-latents-blend", action="store_true",
+                   help="9-channel models: re-impose the known region's latents each step")
+    g.add_argument("--outpaint", default=None, metavar="LEFT,TOP,RIGHT,BOTTOM",
+                   help="extend the image by these many px on each side and paint the border (no --mask)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p.parse_args(argv)
+
+
+def parse_sides(text: str) -> dict[str, int]:
+    """"LEFT,TOP,RIGHT,BOTTOM" → outpaint()'s keyword arguments."""
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+        raise ValueError(f"--outpaint {text!r}: give four whole numbers of pixels, LEFT,TOP,RIGHT,BOTTOM")
+    return dict(zip(("left", "top", "right", "bottom"), (int(p) for p in parts)))
 
 
 def output_paths(out: str, n: int) -> list[str]:
@@ -80,24 +101,45 @@ def save_png(image, path: str, parameters: dict) -> None:
 def run(args: argparse.Namespace) -> list[str]:
     import torch
 
-    from . import load_pipeline
+    from . import load_pipeline, outpaint
     from .image import load_image
+    from .inpaint import extend_canvas, has_alpha, mask_from_alpha
 
-    paths = output_paths(args.out, args.num_images)  # fail before minutes of loading, not after
+    # fail before minutes of loading, not after
+    paths = output_paths(args.out, args.num_images)
     image = load_image(args.image) if args.image else None
     mask = load_image(args.mask) if args.mask else None
+    sides = parse_sides(args.outpaint) if args.outpaint else None
+    if sides is not None:
+        if image is None or mask is not None:
+            raise ValueError("--outpaint needs --image and makes its own mask: leave out --mask")
+        extend_canvas(image, **sides)  # checks the sizes
+    elif mask is None and image is not None and has_alpha(image):
+        mask = mask_from_alpha(image)  # transparent = repaint; an image with no transparent pixel is an error
+        image = image.convert("RGB")  # its colours are what is kept; a transparent pixel resized would darken
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed
     pipe = load_pipeline(args.model, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
     scheduler = args.scheduler or pipe.scheduler_config.get("_class_name", "")  # for the PNG: what ran
-    out = pipe(args.prompt, image=image, mask_image=mask, negative_prompt=args.negative_prompt,
-               prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2, num_inference_steps=args.steps,
-               guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, strength=args.strength,
-               generator=torch.Generator().manual_seed(seed), num_images_per_prompt=args.num_images,
-               height=args.height, width=args.width, scheduler=args.scheduler, clip_skip=args.clip_skip,
-               progress=not args.no_progress)
+    kwargs = dict(negative_prompt=args.negative_prompt, prompt_2=args.prompt_2,
+                  negative_prompt_2=args.negative_prompt_2, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, strength=args.strength,
+                  generator=torch.Generator().manual_seed(seed), num_images_per_prompt=args.num_images,
+                  height=args.height, width=args.width, scheduler=args.scheduler, clip_skip=args.clip_skip,
+                  progress=not args.no_progress)
+    picture = dict(preserve_unmasked=args.preserve_unmasked, mask_blur=args.mask_blur, mask_grow=args.mask_grow,
+                   invert_mask=args.invert_mask, padding_mask_crop=args.crop_to_mask,
+                   masked_latents_blend=args.masked_latents_blend)
+    picture = {k: v for k, v in picture.items() if v not in (None, False, 0)}  # only what was asked for
+    if sides is not None:
+        kwargs = {k: v for k, v in kwargs.items() if v is not None or k not in ("height", "width")}
+        out = outpaint(pipe, args.prompt, image, **sides, **kwargs, **picture)
+    else:
+        out = pipe(args.prompt, image=image, mask_image=mask, **kwargs, **picture)
     parameters = dict(prompt=args.prompt, negative_prompt=args.negative_prompt or "", seed=seed, steps=args.steps,
                       scheduler=scheduler, guidance_scale=args.guidance_scale or "default",
-                      strength=args.strength or "default", model=args.model, dtype=args.dtype)
+                      strength=args.strength or "default", model=args.model, dtype=args.dtype, **picture)
+    if sides is not None:
+        parameters["outpaint"] = args.outpaint
     if pipe.is_sdxl:
         parameters.update(prompt_2=args.prompt_2 or args.prompt, negative_prompt_2=args.negative_prompt_2 or "")
     for i, (img, path) in enumerate(zip(out.images, paths)):
