@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import mmap
 import os
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
+
+
+_PAGE = mmap.PAGESIZE
+_MADV_PAGEOUT = 21  # Linux ≥ 5.4; older kernels answer EINVAL and nothing happens
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
 
 
 class CheckpointError(ValueError):
@@ -70,6 +79,19 @@ def read_component(folder: str | os.PathLike, component: str, variant: str | Non
                           f"{f', variant {variant}' if variant else ''})")
 
 
+def _page_out(t: torch.Tensor) -> None:
+    """Ask the kernel to reclaim the pages under a tensor that was just cast to a copy. For a memory-mapped file
+    these are clean file pages: without this, every page read while casting fp32 → bf16 stays resident until
+    the whole file is closed, and loading SD 1.5 in bf16 peaked at 6.3 GiB for 2 GiB of weights. MADV_PAGEOUT
+    keeps the contents (anonymous memory may go to swap, or stay), so it is safe on any tensor."""
+    if _libc is None or t.device.type != "cpu" or t.nbytes < _PAGE:
+        return
+    start = -(-t.data_ptr() // _PAGE) * _PAGE  # whole pages inside the tensor only
+    end = (t.data_ptr() + t.nbytes) // _PAGE * _PAGE
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
+
+
 def _fit(native_shape: torch.Size, tensor: torch.Tensor) -> torch.Tensor | None:
     """The tensor in the native shape, or None. The only reshape allowed is a 1×1 conv ↔ linear weight
     ([out, in, 1, 1] ↔ [out, in]): the same matrix, stored either way by different releases."""
@@ -117,6 +139,8 @@ def load_into(model: nn.Module, tensors: Mapping[str, torch.Tensor], key_map: Ma
         # no copy when the file already holds the dtype: the parameter is the memory-mapped tensor itself
         # (loading SD 1.5's 3.4 GB UNet takes 0.2 s instead of ~9 s of copying; measured no slower to run)
         state[k] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+        if state[k].data_ptr() != t.data_ptr():
+            _page_out(t)
     if problems:
         raise CheckpointError(f"{what} checkpoint does not match its config: " + "; ".join(problems[:4])
                               + " (is this the right file for this model and config?)")
