@@ -1,6 +1,6 @@
 """Speed and memory of ldm_inpaint against diffusers, on the same full-size SD 1.5-inpainting files.
 
-    python -m ldm_inpaint.bench               # the full run (docs/benchmarks.md): fp32 and bf16, 512×512, 3 runs
+    python -m ldm_inpaint.bench               # the full run (docs/benchmarks.md): fp32 and bf16, 512×512, 2 runs
     python -m ldm_inpaint.bench --quick       # a few minutes: 1 run, fp32, 256×256, 2 steps
     python -m ldm_inpaint.bench --profile     # also print the top operators of our UNet call
 
@@ -21,6 +21,8 @@ Method:
   once to warm up then `--unet-repeats` times; VAE encode (posterior mode) and decode at the image size, once
   each (cold: the same for both sides); the inpainting call end to end (DDIM, guidance 7.5, a fixed synthetic
   image and mask, seed 0), in the first `--e2e-runs` runs only, as it is the slowest stage.
+- Noise. Each child also reports the CPU seconds it used per wall-clock second after loading: well below the
+  thread count on both sides means other processes took the cores (compare the runs in the JSON).
 - Same work. The UNet outputs and end-to-end images of the two sides are compared (max |difference|, expected
   ≤ 1e-3 in fp32); in bf16, each side's image is also compared with its own fp32 image (PSNR).
 - Hardware limit. The UNet's FLOPs are counted once (FlopCounterMode on our UNet, on the meta device), giving
@@ -56,7 +58,7 @@ PROMPT = "a photograph of a red brick wall"
 GUIDANCE = 7.5
 PARITY_TOL = 1e-3  # max |ours − diffusers| expected in fp32
 MATMUL_N = 4096
-FULL = dict(runs=3, dtype="fp32,bf16", size=512, steps=10, unet_repeats=2, e2e_runs=1)
+FULL = dict(runs=2, dtype="fp32,bf16", size=512, steps=10, unet_repeats=2, e2e_runs=1)
 QUICK = dict(runs=1, dtype="fp32", size=256, steps=2, unet_repeats=1, e2e_runs=1)
 # what a user of each side imports (timed in a fresh process that has already imported torch)
 IMPORTS = {"ours": ("ldm_inpaint", "load_pipeline"), "diffusers": ("diffusers", "StableDiffusionInpaintPipeline")}
@@ -70,6 +72,7 @@ METRICS = {  # key in a child's result → table label
     "vae_decode_s": "VAE decode [s]",
     "e2e_s": "inpaint end to end [s]",
     "peak_rss_gib": "peak RSS [GiB]",
+    "busy_threads": "CPU s per s, after load",  # below --threads: the machine was busy or a stage is serial
 }
 IN_CHANNELS, CONTEXT_DIM = 9, 768  # of the SD 1.5-inpainting UNet
 
@@ -205,6 +208,7 @@ def run_child(spec: dict) -> None:
     getattr(importlib.import_module(module), name)  # imported untimed here: import_probe times it
     side, t_load = _timed(lambda: {"ours": Ours, "diffusers": Diffusers}[spec["side"]](spec["folder"], dtype))
     r = {"load_s": [t_load]}
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
 
     with torch.inference_mode():
         x, t, context = unet_inputs(size, dtype)
@@ -229,8 +233,14 @@ def run_child(spec: dict) -> None:
 
     if spec["profile"]:
         r["profile"] = profile_unet(side, x, t, context)
+    r["busy_threads"] = [(_cpu_seconds() - cpu_started) / (time.perf_counter() - started)]
     r["peak_rss_gib"] = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20]  # KiB on Linux
     (out / "result.json").write_text(json.dumps(r))
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def profile_unet(side, x, t, context, rows: int = 20) -> str:
@@ -337,7 +347,7 @@ def format_table(name: str, r: dict, args, gflop: float) -> str:
     for key, label in METRICS.items():
         ours, theirs = (r["stats"][side].get(key) for side in SIDES)
         fmt = ".0f" if key == "unet_gflops" else ".2f"
-        ratio = f"{ours['median'] / theirs['median']:.2f}" if ours and theirs else "—"
+        ratio = f"{ours['median'] / theirs['median']:.2f}" if ours and theirs and key != "busy_threads" else "—"
         lines.append(f"  {label:<34} {cell(ours, fmt):>22} {cell(theirs, fmt):>22} {ratio:>15}")
     peak = r["matmul_gflops"]
     lines.append(f"  UNet work {gflop:.0f} GFLOP; plain {MATMUL_N}² matmul {peak:.0f} GFLOP/s, so the UNet runs at "
