@@ -82,3 +82,10 @@ def test_scheduler_overrides_and_classes_reach_the_scheduler(inpaint):
     ref.scheduler = diffusers.DDIMScheduler.from_config(ref.checkpoint_scheduler_config, timestep_spacing="trailing")
     kw = dict(prompt="a cat", image=make_image(), mask_image=make_mask(), height=H, width=W, eta=0.5)
     run_both(ours, ref, scheduler=schedulers.DDIM, timestep_spacing="trailing", **kw)
+
+
+@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m_sde", "ddpm"])
+def test_stochastic_schedulers_take_one_generator_per_image(inpaint, name):
+    ours, ref = inpaint
+    run_both(ours, with_scheduler(ref, name), prompt="a cat", image=make_image(), mask_image=make_mask(), height=H,
+             width=W, scheduler=name, num_inference_steps=3, num_images_per_prompt=2, n_generators=2)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..noise import Generator, randn
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -279,7 +281,6 @@ def vp_alpha_sigma(sigma):
     return alpha_t, sigma * alpha_t
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Gaussian noise drawn as diffusers' randn_tensor draws it: on the generator's device, then moved."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=dtype or x.dtype).to(x.device)
+def randn_like(x: torch.Tensor, generator: Generator, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Gaussian noise of x's shape drawn as diffusers' randn_tensor draws it (one generator, or one per item)."""
+    return randn(x.shape, generator, x.device, dtype or x.dtype)
