@@ -413,7 +413,7 @@ def main(argv=None) -> int:
         run_child(json.loads(Path(args.child).read_text()))
         return 0
     if args.sdxl:
-        print("SDXL benchmarking is not available yet: ldm_inpaint does not load SDXL pipelines so far.",
+        print("SDXL benchmarking is not built into this tool yet; docs/benchmarks.md has full-size SDXL figures from a separate run.",
               file=sys.stderr)
         return 2
 
