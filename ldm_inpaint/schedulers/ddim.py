@@ -3,17 +3,16 @@
 Equal step for step to diffusers 0.42.1 DDIMScheduler (src/diffusers/schedulers/scheduling_ddim.py).
 """
 
-import numpy as np
 import torch
 
 from .schedule import (
     SchedulerConfig,
+    add_noise_at,
     alphas_cumprod,
     first_kept_step,
-    noise_to_level,
+    integer_timesteps,
     predict_x0_eps,
     randn_like,
-    spaced_timesteps,
 )
 
 
@@ -32,7 +31,7 @@ class DDIM:
         # ᾱ after the last step: 1 (clean) or, as SD's config asks, ᾱ at t = 0.
         self.final_alpha_bar = torch.tensor(1.0) if config.set_alpha_to_one else self.alpha_bar[0]
         self.step_size = T // n  # DDIM steps back by T // n whatever the spacing, as diffusers does
-        timesteps = np.round(spaced_timesteps(config.timestep_spacing, T, n, config.steps_offset)).astype(np.int64)
+        timesteps = integer_timesteps(config, n)
         self.timesteps = torch.from_numpy(timesteps)[begin:]
         self.init_noise_sigma = 1.0
 
@@ -59,6 +58,4 @@ class DDIM:
         return x_prev
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
-        if i == len(self.timesteps):
-            return x0
-        return noise_to_level(x0, noise, self.alpha_bar, self.timesteps[i])
+        return add_noise_at(x0, noise, self.alpha_bar, self.timesteps, i)

@@ -5,17 +5,16 @@ Equal step for step to diffusers 0.42.1 DDPMScheduler (variance_type "fixed_smal
 timesteps: ᾱ_prev is taken at the next inference timestep.
 """
 
-import numpy as np
 import torch
 
 from .schedule import (
     SchedulerConfig,
+    add_noise_at,
     alphas_cumprod,
     first_kept_step,
-    noise_to_level,
+    integer_timesteps,
     predict_x0_eps,
     randn_like,
-    spaced_timesteps,
 )
 
 
@@ -30,7 +29,7 @@ class DDPM:
         T, n = config.num_train_timesteps, num_inference_steps
         begin = first_kept_step(n, strength, T) * self.order
         self.alpha_bar = alphas_cumprod(config)
-        timesteps = np.round(spaced_timesteps(config.timestep_spacing, T, n, config.steps_offset)).astype(np.int64)
+        timesteps = integer_timesteps(config, n)
         self.timesteps = torch.from_numpy(timesteps)[begin:]
         self.init_noise_sigma = 1.0
 
@@ -58,6 +57,4 @@ class DDPM:
         return x_prev
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
-        if i == len(self.timesteps):
-            return x0
-        return noise_to_level(x0, noise, self.alpha_bar, self.timesteps[i])
+        return add_noise_at(x0, noise, self.alpha_bar, self.timesteps, i)

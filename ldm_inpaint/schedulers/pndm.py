@@ -8,7 +8,14 @@ steps of the paper are replaced by a 2nd-order warm-up: the first step is redone
 import numpy as np
 import torch
 
-from .schedule import SchedulerConfig, alphas_cumprod, first_kept_step, noise_to_level, predict_x0_eps, spaced_timesteps
+from .schedule import (
+    SchedulerConfig,
+    add_noise_at,
+    alphas_cumprod,
+    first_kept_step,
+    integer_timesteps,
+    predict_x0_eps,
+)
 
 
 class PNDM:
@@ -28,7 +35,7 @@ class PNDM:
         self.alpha_bar = alphas_cumprod(config)
         self.final_alpha_bar = torch.tensor(1.0) if config.set_alpha_to_one else self.alpha_bar[0]
         self.step_size = T // n
-        timesteps = np.round(spaced_timesteps(config.timestep_spacing, T, n, config.steps_offset)).astype(np.int64)
+        timesteps = integer_timesteps(config, n)
         # The second timestep is run twice (n + 1 model calls): the warm-up step below needs two outputs.
         timesteps = np.concatenate([timesteps[:1], timesteps[1:2], timesteps[1:]])
         self.timesteps = torch.from_numpy(timesteps)[begin:]
@@ -70,6 +77,4 @@ class PNDM:
         return (alpha_bar_prev / alpha_bar) ** 0.5 * x - (alpha_bar_prev - alpha_bar) * eps / denominator
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
-        if i == len(self.timesteps):
-            return x0
-        return noise_to_level(x0, noise, self.alpha_bar, self.timesteps[i])
+        return add_noise_at(x0, noise, self.alpha_bar, self.timesteps, i)

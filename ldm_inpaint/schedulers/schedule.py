@@ -176,6 +176,18 @@ def first_kept_step(num_inference_steps: int, strength: float, num_train_timeste
     return n - kept
 
 
+def integer_timesteps(config: SchedulerConfig, n: int) -> np.ndarray:
+    """The spaced timesteps rounded to the integers ᾱ is indexed by (DDPM, DDIM, PNDM), int64 as diffusers."""
+    spaced = spaced_timesteps(config.timestep_spacing, config.num_train_timesteps, n, config.steps_offset)
+    return np.round(spaced).astype(np.int64)
+
+
+def add_noise_at(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, timesteps: torch.Tensor,
+                 i: int) -> torch.Tensor:
+    """x0 noised to the level of model call i of an ᾱ-indexed schedule; after the last call, x0 itself."""
+    return x0 if i == len(timesteps) else noise_to_level(x0, noise, alpha_bar, timesteps[i])
+
+
 def noise_to_level(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, t) -> torch.Tensor:
     """x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε (DDPM eq. 4), with ᾱ cast to x_0's dtype first as diffusers does."""
     alpha_bar_t = alpha_bar.to(device=x0.device, dtype=x0.dtype)[t]
