@@ -86,7 +86,7 @@ def build_weights(cache: Path) -> Path:
     import diffusers
     import transformers
 
-    from .tokenizer import load_tokenizer, write_tokenizer_folder
+    from .tokenizer import write_tokenizer_folder
 
     print(f"building random SD 1.5-inpainting weights in {folder} (once) ...", flush=True)
     config = lambda name: json.loads((CONFIGS / f"{name}.json").read_text())  # noqa: E731
@@ -97,7 +97,7 @@ def build_weights(cache: Path) -> Path:
         unet=diffusers.UNet2DConditionModel.from_config(config("unet")),
         vae=diffusers.AutoencoderKL.from_config(config("vae")),
         text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**config("text_encoder"))),
-        tokenizer=load_tokenizer(write_tokenizer_folder(partial / "tokenizer")),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(write_tokenizer_folder(partial / "tokenizer")),
         scheduler=diffusers.DDIMScheduler.from_config(config("scheduler")),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(partial, safe_serialization=True)

@@ -9,7 +9,6 @@ first renamed to the diffusers keys by `weights_convert.single_file`, so both pa
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Mapping
 
 import torch
@@ -26,7 +25,7 @@ from .models.clip import CLIPTextConfig, CLIPTextModel
 from .models.unet import UNet, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
 from .pipeline import Pipeline
-from .tokenizer import EOS_TOKEN, load_tokenizer, write_tokenizer_folder
+from .tokenizer import EOS_TOKEN, CLIPTokenizer, load_tokenizer
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 TOKENIZER_PADS = {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"}  # OpenCLIP's tokenizer pads with "!" (id 0)
@@ -63,9 +62,7 @@ def _tokenizers(folder: str | None, names) -> dict:
     vocabulary that ships with the package (the same for CLIP ViT-L and OpenCLIP ViT-bigG)."""
     if folder is not None and all(os.path.isdir(os.path.join(folder, n)) for n in names):
         return {n: load_tokenizer(os.path.join(folder, n)) for n in names}
-    with tempfile.TemporaryDirectory() as tmp:
-        return {n: load_tokenizer(write_tokenizer_folder(os.path.join(tmp, n), pad_token=TOKENIZER_PADS[n]))
-                for n in names}
+    return {n: CLIPTokenizer.from_packaged(TOKENIZER_PADS[n]) for n in names}
 
 
 def load_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

@@ -18,7 +18,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: tiny models gain nothing from two
     torch.set_num_threads(1)
 
-from ldm_inpaint.tokenizer import load_tokenizer, write_tokenizer_folder  # noqa: E402
+from ldm_inpaint.tokenizer import write_tokenizer_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "ldm_inpaint" / "configs"
@@ -92,14 +92,17 @@ def tiny_sdxl_components(in_channels: int):
 def build_folder(folder: Path, in_channels: int, family: str) -> Path:
     """Save a tiny pipeline as diffusers does, with the official scheduler config and tokenizer files."""
     import diffusers
+    import transformers
 
     sdxl = family.startswith("sdxl")
     scheduler_config = json.loads((CONFIGS / family / "scheduler.json").read_text())
     scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
-    tokenizer = load_tokenizer(write_tokenizer_folder(folder / "tokenizer"))
+    # diffusers needs transformers' tokenizer (ours is not one of its loadable classes)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(write_tokenizer_folder(folder / "tokenizer"))
     if sdxl:
         unet, vae, text_encoder, text_encoder_2 = tiny_sdxl_components(in_channels)
-        tokenizer_2 = load_tokenizer(write_tokenizer_folder(folder / "tokenizer_2", pad_token="!"))
+        tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(write_tokenizer_folder(folder / "tokenizer_2",
+                                                                                        pad_token="!"))
         cls = diffusers.StableDiffusionXLInpaintPipeline if in_channels == 9 else diffusers.StableDiffusionXLPipeline
         pipe = cls(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
                    tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False)
