@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from weights_convert.common import release
+
 from . import schedulers
 from .image import ImageInput, image_size, postprocess, preprocess_image, preprocess_mask, round_size
 from .inpaint import PasteBack, blur_masks, edit_masks
@@ -62,6 +64,15 @@ class Pipeline:
         # SDXL: no negative prompt means zero embeddings, not the encoding of ""
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.name = name
+        # Each model's memory-mapped weights go back to the page cache when its stage of a call is over, so
+        # the peak is that of the largest model, not of all of them; the next call maps them in again.
+        self.release_weights = True
+
+    def _release(self, *models: torch.nn.Module | None) -> None:
+        if self.release_weights:
+            for model in models:
+                if model is not None:
+                    release(model)
 
     @property
     def is_sdxl(self) -> bool:
@@ -246,6 +257,7 @@ class Pipeline:
                 uncond, uncond_pooled = self.encode_prompt(negatives, negatives_2)
             context = torch.cat([uncond, context])
             pooled = None if pooled is None else torch.cat([uncond_pooled, pooled])
+        self._release(self.text_encoder, self.text_encoder_2)
         context = context.repeat_interleave(num_images_per_prompt, dim=0)  # each row n times, halves kept
         pooled = None if pooled is None else pooled.repeat_interleave(num_images_per_prompt, dim=0)
         added = {}
@@ -289,6 +301,7 @@ class Pipeline:
                 if masked_latents_blend and image_latents is None:  # the mean: no random number drawn
                     image_latents = _expand(self.encode_image(x, generator, sample=False), batch)
         blend = task == "inpaint" and (not inpainting_unet or masked_latents_blend)
+        self._release(self.vae.encoder)
 
         # 4. denoise
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=self.name or "sampling")):
@@ -307,15 +320,18 @@ class Pipeline:
             if blend:
                 known = sched.add_noise(image_latents, noise, i + 1) if i + 1 < len(timesteps) else image_latents
                 latents = (1 - mask) * known + mask * latents
+        self._release(self.unet)
 
         # 5. decode
         if output_type == "latent":
             return PipelineOutput(images=latents)
+        decoded = self.decode(latents)
+        self._release(self.vae.decoder)
         if paste is None:
-            return PipelineOutput(images=postprocess(self.decode(latents), output_type))
+            return PipelineOutput(images=postprocess(decoded, output_type))
 
         # 6. paste back into the input picture, at its own size
-        images = paste(postprocess(self.decode(latents), "pil"))
+        images = paste(postprocess(decoded, "pil"))
         if output_type == "np":
             images = np.stack([np.asarray(i, dtype=np.float32) / 255 for i in images])
         return PipelineOutput(images=images)

@@ -3,6 +3,8 @@ original layout (fp32 or fp16 storage, with the official extra tensors), and the
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import ldm_inpaint
 from weights_convert.__main__ import main as convert
-from weights_convert.common import CheckpointError
+from weights_convert.common import CheckpointError, release
 
 CASES = {"sd15-inpainting": ("sd_inpaint_dir", True), "sdxl-inpainting": ("sdxl_inpaint_dir", True),
          "sd15": ("sd_dir", False)}
@@ -120,3 +122,46 @@ def test_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     with pytest.raises(CheckpointError, match="safetensors"):
         ldm_inpaint.load_pipeline(bad)
     assert not marker.exists()
+
+
+def _resident_pages(model: torch.nn.Module) -> int:
+    """Pages of the model's weights mapped into this process (pagemap 'present' bit)."""
+    page, present = 4096, 0
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        for t in model.parameters():
+            first, last = t.data_ptr() // page, (t.data_ptr() + t.nbytes - 1) // page
+            pagemap.seek(first * 8)
+            entries = np.frombuffer(pagemap.read((last - first + 1) * 8), dtype=np.uint64)
+            present += int(((entries >> np.uint64(63)) & np.uint64(1)).sum())
+    return present
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/pagemap"), reason="Linux only")
+def test_a_call_hands_mapped_weights_back_and_the_next_call_is_the_same(sd_inpaint_dir):
+    pipe = ldm_inpaint.load_pipeline(sd_inpaint_dir)  # fp32 files, fp32 weights: the mapped file itself
+    models = {"unet": pipe.unet, "vae": pipe.vae, "text encoder": pipe.text_encoder}
+    pipe.release_weights = False
+    first = image(pipe, inpaint=True)
+    kept = {name: _resident_pages(m) for name, m in models.items()}
+    pipe.release_weights = True
+    assert np.array_equal(image(pipe, inpaint=True), first)
+    left = {name: _resident_pages(m) for name, m in models.items()}
+    # pages shared by small tensors or only partly inside a tensor stay
+    assert all(left[name] < kept[name] / 2 for name in models), (kept, left)
+    assert np.array_equal(image(pipe, inpaint=True), first)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/pagemap"), reason="Linux only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_release_keeps_edited_and_cast_weights(sd_inpaint_dir, dtype):
+    """Releasing drops only unmodified file pages: an in-place edit (a private copy-on-write page) and weights
+    cast into ordinary memory must keep their values."""
+    pipe = ldm_inpaint.load_pipeline(sd_inpaint_dir, dtype=dtype)
+    unet = pipe.unet
+    expected = {k: v.clone() for k, v in unet.named_parameters()}
+    edited = "down_blocks.0.resnets.0.conv1.weight"
+    with torch.no_grad():
+        unet.get_parameter(edited).mul_(-2)  # an edit of every page of one tensor
+    expected[edited] *= -2
+    release(unet)
+    assert all(torch.equal(v, expected[k]) for k, v in unet.named_parameters())

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -90,6 +91,43 @@ def _page_out(t: torch.Tensor) -> None:
     end = (t.data_ptr() + t.nbytes) // _PAGE * _PAGE
     if end > start:
         _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
+
+
+_MADV_DONTNEED = 4
+_PM_PRESENT, _PM_FILE = 1 << 63, 1 << 61  # /proc/PID/pagemap entry bits: page present, page is a file page
+
+
+def release(module: nn.Module) -> None:
+    """Drop from this process's resident memory the pages of `module`'s weights that are still the unmodified
+    memory-mapped checkpoint file (weights loaded without a cast are the mapped file itself, see `load_into`).
+
+    The pages stay in the kernel's page cache, so the next use maps them back by minor page faults, without
+    reading the disk. The pipeline calls this on each model when its stage is over (text encoders after the
+    prompt, the UNet after the loop, ...), so that peak memory is that of the largest model, not of all of them.
+    Only pages that /proc/self/pagemap reports as file pages are dropped: a page written to (an in-place weight
+    edit makes a private anonymous copy) or any weight held in ordinary memory (a cast, a .bin) is never
+    touched, because MADV_DONTNEED would zero it."""
+    if _libc is None:
+        return
+    ranges = []
+    for t in (*module.parameters(), *module.buffers()):
+        if t.device.type == "cpu" and t.nbytes >= _PAGE:
+            start = -(-t.data_ptr() // _PAGE)  # whole pages inside the tensor only (page numbers)
+            end = (t.data_ptr() + t.nbytes) // _PAGE
+            if end > start:
+                ranges.append((start, end))
+    if not ranges:
+        return
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        for start, end in ranges:
+            pagemap.seek(start * 8)
+            entries = np.frombuffer(pagemap.read((end - start) * 8), dtype=np.uint64)
+            droppable = (entries & np.uint64(_PM_PRESENT | _PM_FILE)) == np.uint64(_PM_PRESENT | _PM_FILE)
+            # runs of droppable pages: where the flag switches on and off
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], droppable.view(np.uint8), [0]])))
+            for a, b in zip(edges[::2], edges[1::2]):
+                _libc.madvise(ctypes.c_void_p(int(start + a) * _PAGE), ctypes.c_size_t(int(b - a) * _PAGE),
+                              _MADV_DONTNEED)
 
 
 def _fit(native_shape: torch.Size, tensor: torch.Tensor) -> torch.Tensor | None:
