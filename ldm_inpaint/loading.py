@@ -34,7 +34,13 @@ TOKENIZER_PADS = {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"}  # OpenCLIP's toke
 def _build(model_cls, cfg, tensors, key_map, what, dtype, device, ignore=()) -> nn.Module:
     with torch.device("meta"):
         model = model_cls(cfg)
-    return load_into(model, tensors, key_map, what=what, ignore=ignore, dtype=dtype, device=device).eval()
+    model = load_into(model, tensors, key_map, what=what, ignore=ignore, dtype=dtype, device=device).eval()
+    if dtype in (torch.bfloat16, torch.float16):
+        # Half-precision convolutions run channels-last without oneDNN reordering every activation: 8 % faster
+        # for the UNet, 18-20 % for the VAE (bf16, 512², CPU). fp32 keeps diffusers' layouts and so its exact
+        # results (channels-last moves the VAE's output by 7e-5).
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def build_unet(config: dict, tensors: Mapping[str, torch.Tensor], dtype, device) -> UNet:
