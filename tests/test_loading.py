@@ -4,6 +4,8 @@ original layout (fp32 or fp16 storage, with the official extra tensors), and the
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -165,3 +167,13 @@ def test_release_keeps_edited_and_cast_weights(sd_inpaint_dir, dtype):
     expected[edited] *= -2
     release(unet)
     assert all(torch.equal(v, expected[k]) for k, v in unet.named_parameters())
+
+
+def test_loading_imports_no_heavy_modules(sd_inpaint_dir):
+    """What load time is made of: neither transformers, diffusers nor torch._dynamo (imported by normal_ on the
+    meta device, 2 s) may be imported by loading a pipeline."""
+    code = ("import sys, ldm_inpaint; ldm_inpaint.load_pipeline(sys.argv[1]); "
+            "print([m for m in ('transformers', 'diffusers', 'torch._dynamo') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code, str(sd_inpaint_dir)], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"

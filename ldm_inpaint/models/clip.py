@@ -158,14 +158,23 @@ class CLIPTextOutput(NamedTuple):
     pooled: torch.Tensor | None  # (B, projection_dim or D), or None when not requested
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding(num, dim), initialised as it does (N(0, 1)) except on the meta device, where the loader
+    builds models: there, normal_ imports torch._dynamo, 2 s of every pipeline load."""
+    weight = torch.empty(num, dim)
+    if weight.device.type != "meta":
+        nn.init.normal_(weight)
+    return nn.Embedding(num, dim, _weight=weight)
+
+
 class CLIPTextModel(nn.Module):
     """The CLIP text transformer, optionally with OpenCLIP's text projection (`cfg.projection_dim`)."""
 
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_embedding = _embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = _embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.layers = nn.ModuleList(
             CLIPEncoderLayer(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act,
                              cfg.layer_norm_eps) for _ in range(cfg.num_hidden_layers))
