@@ -142,12 +142,23 @@ def build_weights(family: Family, cache: Path) -> Path:
 
 
 # -- 2. what the hardware and the model ask for -------------------------------------------------------------
-def matmul_gflops(dtype: torch.dtype, n: int = MATMUL_N, repeats: int = 3) -> float:
-    """Best GFLOP/s of an n×n matmul, a practical ceiling for the UNet's convolutions and projections."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    best = min(_timed(lambda: a @ b)[1] for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
+def matmul_gflops(dtype: str, threads: int, n: int = MATMUL_N, repeats: int = 5) -> float:
+    """Best GFLOP/s of an n×n matmul, a practical ceiling for the UNet's convolutions and projections. Taken in
+    a fresh process with the children's thread count: measured in this (parent) process after the SDXL weights
+    were built, it read 210 instead of 370 GFLOP/s."""
+    code = f"""
+import time, torch
+torch.set_num_threads({threads})
+a, b = torch.randn({n}, {n}).to({DTYPES[dtype]}), torch.randn({n}, {n}).to({DTYPES[dtype]})
+a @ b  # warm-up
+best = float("inf")
+for _ in range({repeats}):
+    start = time.perf_counter()
+    a @ b
+    best = min(best, time.perf_counter() - start)
+print(best)"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return 2 * n**3 / float(done.stdout.strip()) / 1e9
 
 
 def unet_gflop(folder: Path, size: int) -> float:
@@ -384,7 +395,7 @@ def bench_dtype(name: str, args, folder: Path, gflop: float, workdir: Path) -> d
     if name == "fp32":
         checks["within_tolerance"] = all(v <= PARITY_TOL for v in checks.values())
     return {"samples": samples, "stats": stats, "checks": checks, "outputs": outputs,
-            "matmul_gflops": matmul_gflops(DTYPES[name])}
+            "matmul_gflops": matmul_gflops(name, args.threads)}
 
 
 def add_psnr(results: dict) -> None:

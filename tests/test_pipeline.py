@@ -169,18 +169,21 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_bf16_is_as_close_to_fp32_as_diffusers_bf16(sd_inpaint_dir):
-    """bf16 runs channels-last (faster convolutions), so it is not bitwise diffusers' bf16; its image must stay
-    as close to our fp32 image as diffusers' bf16 image is to diffusers' fp32 image."""
+    """bf16 runs channels-last (faster convolutions), so it is not bitwise diffusers' bf16; its images must stay
+    as close to our fp32 images as diffusers' bf16 images are to diffusers' fp32 images. On a tiny random model
+    one seed's PSNR moves by ±1.5 dB with the rounding (thread count, layout), so six seeds are pooled."""
     kw = dict(prompt="a red brick wall", image=make_image(), mask_image=make_mask(), num_inference_steps=STEPS,
               output_type="np", height=H, width=W)
+    seeds = range(6)
     ours, ref = {}, {}
     for dtype in (torch.float32, torch.bfloat16):
         pipe = ldm_inpaint.load_pipeline(sd_inpaint_dir, dtype=dtype)
         fmt = torch.channels_last if dtype == torch.bfloat16 else torch.contiguous_format
         assert pipe.unet.conv_in.weight.is_contiguous(memory_format=fmt)
-        ours[dtype] = pipe(**kw, generator=torch.Generator().manual_seed(0), progress=False).images
         theirs = diffusers_pipeline("StableDiffusionInpaintPipeline", sd_inpaint_dir).to(dtype=dtype)
-        ref[dtype] = theirs(**kw, generator=torch.Generator().manual_seed(0)).images
+        ours[dtype] = np.concatenate([pipe(**kw, generator=torch.Generator().manual_seed(s), progress=False).images
+                                      for s in seeds])
+        ref[dtype] = np.concatenate([theirs(**kw, generator=torch.Generator().manual_seed(s)).images for s in seeds])
     ours_db = _psnr(ours[torch.bfloat16], ours[torch.float32])
     ref_db = _psnr(ref[torch.bfloat16], ref[torch.float32])
-    assert 20 < ours_db < 60 and ours_db >= ref_db - 1.5, (ours_db, ref_db)  # measured: 39.7 vs 39.4 dB
+    assert 20 < ours_db < 60 and ours_db >= ref_db - 1.0, (ours_db, ref_db)  # measured: 38.9–39.2 vs 38.8–39.5 dB

@@ -17,7 +17,6 @@ from torch import nn
 
 
 _PAGE = mmap.PAGESIZE
-_MADV_PAGEOUT = 21  # Linux ≥ 5.4; older kernels answer EINVAL and nothing happens
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
 
 
@@ -80,37 +79,20 @@ def read_component(folder: str | os.PathLike, component: str, variant: str | Non
                           f"{f', variant {variant}' if variant else ''})")
 
 
-def _page_out(t: torch.Tensor) -> None:
-    """Ask the kernel to reclaim the pages under a tensor that was just cast to a copy. For a memory-mapped file
-    these are clean file pages: without this, every page read while casting fp32 → bf16 stays resident until
-    the whole file is closed, and loading SD 1.5 in bf16 peaked at 6.3 GiB for 2 GiB of weights. MADV_PAGEOUT
-    keeps the contents (anonymous memory may go to swap, or stay), so it is safe on any tensor."""
-    if _libc is None or t.device.type != "cpu" or t.nbytes < _PAGE:
-        return
-    start = -(-t.data_ptr() // _PAGE) * _PAGE  # whole pages inside the tensor only
-    end = (t.data_ptr() + t.nbytes) // _PAGE * _PAGE
-    if end > start:
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
-
-
 _MADV_DONTNEED = 4
 _PM_PRESENT, _PM_FILE = 1 << 63, 1 << 61  # /proc/PID/pagemap entry bits: page present, page is a file page
 
 
-def release(module: nn.Module) -> None:
-    """Drop from this process's resident memory the pages of `module`'s weights that are still the unmodified
-    memory-mapped checkpoint file (weights loaded without a cast are the mapped file itself, see `load_into`).
-
-    The pages stay in the kernel's page cache, so the next use maps them back by minor page faults, without
-    reading the disk. The pipeline calls this on each model when its stage is over (text encoders after the
-    prompt, the UNet after the loop, ...), so that peak memory is that of the largest model, not of all of them.
-    Only pages that /proc/self/pagemap reports as file pages are dropped: a page written to (an in-place weight
-    edit makes a private anonymous copy) or any weight held in ordinary memory (a cast, a .bin) is never
-    touched, because MADV_DONTNEED would zero it."""
+def drop_file_pages(tensors: Iterable[torch.Tensor]) -> None:
+    """Drop from this process's resident memory the pages under `tensors` that are still unmodified pages of a
+    memory-mapped file. They stay in the kernel's page cache: the next use maps them back by minor page faults,
+    without reading the disk. Only pages that /proc/self/pagemap reports as file pages are dropped: a page
+    written to (an in-place edit makes a private anonymous copy) and any tensor in ordinary memory are never
+    touched, because MADV_DONTNEED would zero them."""
     if _libc is None:
         return
     ranges = []
-    for t in (*module.parameters(), *module.buffers()):
+    for t in tensors:
         if t.device.type == "cpu" and t.nbytes >= _PAGE:
             start = -(-t.data_ptr() // _PAGE)  # whole pages inside the tensor only (page numbers)
             end = (t.data_ptr() + t.nbytes) // _PAGE
@@ -128,6 +110,14 @@ def release(module: nn.Module) -> None:
             for a, b in zip(edges[::2], edges[1::2]):
                 _libc.madvise(ctypes.c_void_p(int(start + a) * _PAGE), ctypes.c_size_t(int(b - a) * _PAGE),
                               _MADV_DONTNEED)
+
+
+def release(module: nn.Module) -> None:
+    """Hand the memory-mapped pages of `module`'s weights back to the page cache (`drop_file_pages`): weights
+    loaded without a cast are the mapped file itself (see `load_into`). The pipeline calls this on each model
+    when its stage is over (text encoders after the prompt, the UNet after the loop, ...), so that peak memory
+    is that of the largest model, not of all of them."""
+    drop_file_pages([*module.parameters(), *module.buffers()])
 
 
 def _fit(native_shape: torch.Size, tensor: torch.Tensor) -> torch.Tensor | None:
@@ -178,7 +168,9 @@ def load_into(model: nn.Module, tensors: Mapping[str, torch.Tensor], key_map: Ma
         # (loading SD 1.5's 3.4 GB UNet takes 0.2 s instead of ~9 s of copying; measured no slower to run)
         state[k] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
         if state[k].data_ptr() != t.data_ptr():
-            _page_out(t)
+            # the file pages just read for the copy: without this they stay resident until the file is
+            # closed, and loading SD 1.5 in bf16 peaked at 6.3 GiB for 2 GiB of weights
+            drop_file_pages([t])
     if problems:
         raise CheckpointError(f"{what} checkpoint does not match its config: " + "; ".join(problems[:4])
                               + " (is this the right file for this model and config?)")
