@@ -239,8 +239,8 @@ class Diffusers:
                                                                                  requires_safety_checker=False)
         self.pipe = cls.from_pretrained(folder, torch_dtype=dtype, **extra)
         self.pipe.set_progress_bar_config(disable=True)
-        if self.pipe.vae.config.force_upcast:  # SDXL: its pipeline upcasts the VAE for every encode and decode
-            self.pipe.vae.to(torch.float32)
+        if "XL" in family.pipeline and self.pipe.vae.config.force_upcast:
+            self.pipe.vae.to(torch.float32)  # as its SDXL pipelines do for every encode and decode, and ours
 
     def unet(self, x, t, context, added):
         return self.pipe.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added or None,
