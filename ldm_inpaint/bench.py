@@ -465,7 +465,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=Path("bench-cache"), help="where the random weights are kept")
     p.add_argument("--weights", type=Path, help="a diffusers folder of the family to measure instead of random "
                                                 "weights (e.g. a real checkpoint)")
-    p.add_argument("--json", type=Path, help="where to write all figures (default CACHE/results-FAMILY.json)")
+    p.add_argument("--json", type=Path, help="where to write all figures (default CACHE/results-FAMILY[-quick].json)")
     p.add_argument("--profile", action="store_true", help="print the top operators of our UNet call")
     p.add_argument("--sdxl", action="store_true", help="benchmark SDXL inpainting instead of SD 1.5 inpainting")
     p.add_argument("--child", metavar="SPEC", help=argparse.SUPPRESS)
@@ -525,7 +525,7 @@ def main(argv=None) -> int:
         "weights": str(folder),
         "unet_gflop": gflop, "elapsed_s": elapsed, "results": results,
     }
-    json_path = args.json or args.cache / f"results-{args.family_key}.json"
+    json_path = args.json or args.cache / f"results-{args.family_key}{'-quick' if args.quick else ''}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"all figures: {json_path}; took {elapsed / 60:.1f} min; load average (1, 5, 15 min) "
