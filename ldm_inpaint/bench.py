@@ -15,9 +15,9 @@ Method:
   process per run that imports torch and then what a user of that side imports (`ldm_inpaint`, or diffusers'
   pipeline class); imports deferred to load time count as load. Both children use the same number of torch
   threads (torch's default unless `--threads`).
-- Alternation. Runs alternate ours, diffusers, ours, diffusers … so a slower or busier stretch of the machine
-  hits both sides alike. Each timing is reported as the median and the min–max over all samples of all runs;
-  ratios are ours/diffusers of the medians.
+- Alternation. Runs alternate ours, diffusers, then diffusers, ours, … so a slower or busier stretch of the
+  machine hits both sides alike and neither side always runs first. Each timing is reported as the median
+  and the min–max over all samples of all runs; ratios are ours/diffusers of the medians.
 - Stages. A "parts" child loads, then times the UNet call (batch 2 as under guidance, 77-token context; SDXL
   also with pooled text and time ids) once to warm up then `--unet-repeats` times, and VAE encode (posterior
   mode) and decode at the image size, once each (cold: the same for both sides). In the first `--e2e-runs`
@@ -369,7 +369,7 @@ def bench_dtype(name: str, args, folder: Path, gflop: float, workdir: Path) -> d
     outputs = {side: {} for side in SIDES}
     for run in range(args.runs):
         stages = ("parts", "e2e") if run < args.e2e_runs else ("parts",)
-        for side in SIDES:
+        for side in SIDES if run % 2 == 0 else SIDES[::-1]:  # A B, B A, …: no side always goes first
             print(f"  {name} run {run + 1}/{args.runs}: {side} ...", flush=True)
             r = {"import_s": [import_probe(side, args.family)]}
             for stage in stages:
