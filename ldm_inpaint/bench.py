@@ -75,6 +75,10 @@ class Family:
     def weights_folder(self) -> str:  # inside --cache
         return f"{self.configs}-random-{self.storage}-seed0"
 
+    @property
+    def sdxl(self) -> bool:
+        return self.configs.startswith("sdxl")
+
 
 FAMILIES = {
     "sd15": Family("SD 1.5 inpainting", "sd15-inpainting", "StableDiffusionInpaintPipeline", "fp32",
@@ -115,7 +119,6 @@ def build_weights(family: Family, cache: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     tokenizer = lambda name, pad: transformers.CLIPTokenizer.from_pretrained(  # noqa: E731
         write_tokenizer_folder(partial / name, pad_token=pad))
-    sdxl = "text_encoder_2" in config("model_index")
     torch.manual_seed(0)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(DTYPES[family.storage])  # built in the storage dtype: SDXL never exists in fp32
@@ -126,16 +129,16 @@ def build_weights(family: Family, cache: Path) -> Path:
             text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**config("text_encoder"))),
             tokenizer=tokenizer("tokenizer", "<|endoftext|>"),
             scheduler=getattr(diffusers, config("scheduler")["_class_name"]).from_config(config("scheduler")))
-        if sdxl:
+        if family.sdxl:
             parts.update(text_encoder_2=transformers.CLIPTextModelWithProjection(
                 transformers.CLIPTextConfig(**config("text_encoder_2"))), tokenizer_2=tokenizer("tokenizer_2", "!"))
     finally:
         torch.set_default_dtype(default_dtype)
-    extra = dict(add_watermarker=False) if sdxl else dict(safety_checker=None, feature_extractor=None,
+    extra = dict(add_watermarker=False) if family.sdxl else dict(safety_checker=None, feature_extractor=None,
                                                            requires_safety_checker=False)
     getattr(diffusers, family.pipeline)(**parts, **extra).save_pretrained(partial, safe_serialization=True)
     write_tokenizer_folder(partial / "tokenizer")  # the official repos ship vocab.json + merges.txt
-    if sdxl:
+    if family.sdxl:
         write_tokenizer_folder(partial / "tokenizer_2", pad_token="!")
     partial.rename(folder)  # only a complete folder is ever reused
     return folder
@@ -235,11 +238,10 @@ class Diffusers:
         import diffusers
 
         cls = getattr(diffusers, family.pipeline)
-        extra = dict(add_watermarker=False) if "XL" in family.pipeline else dict(safety_checker=None,
-                                                                                 requires_safety_checker=False)
+        extra = dict(add_watermarker=False) if family.sdxl else dict(safety_checker=None, requires_safety_checker=False)
         self.pipe = cls.from_pretrained(folder, torch_dtype=dtype, **extra)
         self.pipe.set_progress_bar_config(disable=True)
-        if "XL" in family.pipeline and self.pipe.vae.config.force_upcast:
+        if family.sdxl and self.pipe.vae.config.force_upcast:
             self.pipe.vae.to(torch.float32)  # as its SDXL pipelines do for every encode and decode, and ours
 
     def unet(self, x, t, context, added):
