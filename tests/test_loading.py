@@ -189,3 +189,15 @@ def test_loading_imports_no_heavy_modules(sd_inpaint_dir):
     done = subprocess.run([sys.executable, "-c", code, str(sd_inpaint_dir)], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_release_without_pagemap_does_nothing(sd_inpaint_dir, monkeypatch):
+    """Some sandboxes hide /proc/self/pagemap: a call must still work, just without handing pages back."""
+    import weights_convert.common as common
+
+    monkeypatch.setattr(common, "_PAGEMAP", "/nonexistent/pagemap")
+    pipe = ldm_inpaint.load_pipeline(sd_inpaint_dir, dtype=torch.bfloat16)  # a cast: drops source pages
+    expected = {k: v.clone() for k, v in pipe.unet.named_parameters()}
+    image(pipe, inpaint=True)
+    release(pipe.unet)
+    assert all(torch.equal(v, expected[k]) for k, v in pipe.unet.named_parameters())
