@@ -1,21 +1,42 @@
-"""Multi-head attention on (B, L, D) tensors through PyTorch's fused scaled_dot_product_attention.
+"""Multi-head attention on (B, L, D) tensors, by default through PyTorch's fused scaled_dot_product_attention.
 
 Every attention in the project (UNet self/cross-attention, the VAE's mid-block attention, the CLIP text
-transformer) goes through `attention`, so the head layout and the kernel choice live in one place.
+transformers) calls `attention` through this module at call time (`attn.attention(q, k, v, heads)`), so one
+assignment swaps the implementation everywhere:
+
+    from ldm_inpaint.models import attention as attn
+    attn.attention = my_attention  # same signature as `fused_attention`
+    with attn.use_attention(my_attention): ...  # or only inside a block
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-              causal: bool = False) -> torch.Tensor:
-    """softmax(q kᵀ / √d) v per head; q (B, Lq, D), k and v (B, Lk, D) → (B, Lq, D)."""
-    B, Lq, D = q.shape
-    Lk = k.shape[1]
-    d = D // heads
-    q = q.view(B, Lq, heads, d).transpose(1, 2)  # (B, heads, Lq, d)
-    k = k.view(B, Lk, heads, d).transpose(1, 2)  # (B, heads, Lk, d)
-    v = v.view(B, Lk, heads, d).transpose(1, 2)
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                    causal: bool = False) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v per head; q (B, Lq, D), k and v (B, Lk, D) → (B, Lq, D). With `causal`, query i
+    attends to keys 0..i only."""
+    q, k, v = (rearrange(t, "b l (heads d) -> b heads l d", heads=heads) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, heads, Lq, d)
-    return out.transpose(1, 2).reshape(B, Lq, D)
+    return rearrange(out, "b heads l d -> b l (heads d)")
+
+
+attention: Callable[..., torch.Tensor] = fused_attention  # the implementation every model calls
+
+
+@contextmanager
+def use_attention(fn: Callable[..., torch.Tensor]) -> Iterator[Callable[..., torch.Tensor]]:
+    """Make every model call `fn` instead of the current `attention` inside the `with` block."""
+    global attention
+    previous, attention = attention, fn
+    try:
+        yield fn
+    finally:
+        attention = previous

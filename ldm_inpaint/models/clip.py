@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm_inpaint.models.attention import attention
+from ldm_inpaint.models import attention as attn
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 # transformers' CLIPTextConfig before PR #24773 stored eos_token_id 2 (a placeholder, not the real 49407); such
@@ -112,7 +112,7 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True)  # (B, L, D)
+        out = attn.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True)  # (B, L, D)
         return self.out_proj(out)
 
 

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
-from ldm_inpaint.models.attention import attention
+from ldm_inpaint.models import attention as attn
 
 TRANSFORMER_NORM_EPS = 1e-6  # the spatial transformer's input GroupNorm; the ResBlocks use `norm_eps`
 
@@ -209,7 +210,7 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+        return self.to_out(attn.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
 
 
 class FeedForward(nn.Module):
@@ -258,18 +259,18 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
+        H = x.shape[2]
         h = self.norm(x)
         if not self.linear:
             h = self.proj_in(h)
-        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, L, C)
+        h = rearrange(h, "b c h w -> b (h w) c")  # the H·W positions as tokens
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)
         if self.linear:
             h = self.proj_out(h)
-        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
+        h = rearrange(h, "b (h w) c -> b c h w", h=H)
         if not self.linear:
             h = self.proj_out(h)
         return x + h
@@ -286,6 +287,21 @@ class DownBlock(nn.Module):
         self.attentions = nn.ModuleList(attentions) if attentions else None
         self.downsample = downsample
 
+    def forward(self, h: torch.Tensor, emb: torch.Tensor,
+                context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Returns the level's output and the skips it pushes for the decoder: every ResBlock (or transformer)
+        output, then the downsampled output."""
+        skips = []
+        for j, resnet in enumerate(self.resnets):
+            h = resnet(h, emb)
+            if self.attentions is not None:
+                h = self.attentions[j](h, context)
+            skips.append(h)
+        if self.downsample is not None:
+            h = self.downsample(h)
+            skips.append(h)
+        return h, skips
+
 
 class UpBlock(nn.Module):
     """One decoder level: ResBlocks on [features, skip], each followed by a transformer at cross-attention
@@ -298,6 +314,18 @@ class UpBlock(nn.Module):
         self.attentions = nn.ModuleList(attentions) if attentions else None
         self.upsample = upsample
 
+    def forward(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, context: torch.Tensor,
+                out_size: torch.Size | None = None) -> torch.Tensor:
+        """`skips`: one encoder tensor per ResBlock, in the order they are used (the last pushed first);
+        `out_size`: the (H, W) to upsample to, needed when the level upsamples."""
+        for j, (resnet, skip) in enumerate(zip(self.resnets, skips, strict=True)):
+            h = resnet(torch.cat([h, skip], dim=1), emb)
+            if self.attentions is not None:
+                h = self.attentions[j](h, context)
+        if self.upsample is not None:
+            h = self.upsample(F.interpolate(h, size=out_size, mode="nearest"))
+        return h
+
 
 class MidBlock(nn.Module):
     """The bottleneck at the lowest resolution: ResBlock, transformer, ResBlock."""
@@ -307,6 +335,11 @@ class MidBlock(nn.Module):
         self.resnet_1 = resnet_1
         self.attention = attention
         self.resnet_2 = resnet_2
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        h = self.resnet_1(h, emb)
+        h = self.attention(h, context)
+        return self.resnet_2(h, emb)
 
 
 class UNet(nn.Module):
@@ -391,27 +424,16 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            for j, resnet in enumerate(block.resnets):
-                h = resnet(h, emb)
-                if block.attentions is not None:
-                    h = block.attentions[j](h, context)
-                skips.append(h)
-            if block.downsample is not None:
-                h = block.downsample(h)
-                skips.append(h)
+            h, pushed = block(h, emb, context)
+            skips += pushed
 
-        h = self.mid_block.resnet_1(h, emb)
-        h = self.mid_block.attention(h, context)
-        h = self.mid_block.resnet_2(h, emb)
+        h = self.mid_block(h, emb, context)
 
         for block in self.up_blocks:
-            for j, resnet in enumerate(block.resnets):
-                h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
-                if block.attentions is not None:
-                    h = block.attentions[j](h, context)
-            if block.upsample is not None:
-                # Upsampling to the next skip's size (2× unless a side was odd on the way down) lets latent
-                # sizes that are not multiples of 2^levels through, as diffusers does.
-                h = block.upsample(F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
+            popped = [skips.pop() for _ in block.resnets]
+            # Upsampling to the next skip's size (2× unless a side was odd on the way down) lets latent
+            # sizes that are not multiples of 2^levels through, as diffusers does.
+            out_size = skips[-1].shape[-2:] if skips else None
+            h = block(h, popped, emb, context, out_size)
 
         return self.conv_out(F.silu(self.conv_norm_out(h)))

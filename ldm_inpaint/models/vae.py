@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm_inpaint.models.attention import attention
+from ldm_inpaint.models import attention as attn
 from ldm_inpaint.noise import Generator, randn
 
 SD15_SCALING_FACTOR = 0.18215  # makes SD 1.5 latents roughly unit variance (Rombach et al. §4.3.2)
@@ -137,8 +137,9 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
+        # diffusers' view/transpose pair, not einops: at B = 1 the strides differ and pick other kernels
         h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # (B, L, C)
-        h = attention(self.to_q(h), self.to_k(h), self.to_v(h), heads=1)
+        h = attn.attention(self.to_q(h), self.to_k(h), self.to_v(h), heads=1)
         h = self.to_out(h).transpose(1, 2).reshape(B, C, H, W)  # a view: channels-last strides
         # The sum takes the layout of its first operand, so `h + x` stays channels-last, and every conv after
         # this block then runs channels-last, as in diffusers; `x + h` would pick other conv kernels and
