@@ -8,6 +8,7 @@ first renamed to the diffusers keys by `weights_convert.single_file`, so both pa
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Mapping
 
@@ -20,6 +21,7 @@ import weights_convert.unet as unet_keys
 import weights_convert.vae as vae_keys
 from weights_convert.common import load_into
 
+from .family import SD15, SDXL
 from .hub import resolve
 from .models.clip import CLIPTextConfig, CLIPTextModel
 from .models.unet import UNet, UNetConfig
@@ -103,20 +105,23 @@ def load_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float32, 
         configs, tensors = single_file.read_folder(folder, variant)
         index, tokenizer_folder = single_file.folder_configs(folder, "text_encoder_2" in configs)[1], folder
 
-    sdxl = "text_encoder_2" in configs
+    family = SDXL if "text_encoder_2" in configs else SD15
+    if family.zero_negatives:  # a repo may turn SDXL's zero negative embeddings off in model_index.json
+        family = dataclasses.replace(family, zero_negatives=index.get("force_zeros_for_empty_prompt", True))
     # the SDXL 1.0 VAE overflows in half precision (its config says force_upcast); diffusers upcasts it for
     # every encode and decode, here it is simply loaded in fp32 once
-    force_upcast = VAEConfig.from_diffusers(configs["vae"]).force_upcast
-    tokenizers = _tokenizers(tokenizer_folder, ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",))
+    upcast = family.vae_upcast and VAEConfig.from_diffusers(configs["vae"]).force_upcast
+    two = family.text_encoders == 2
+    tokenizers = _tokenizers(tokenizer_folder, ("tokenizer", "tokenizer_2") if two else ("tokenizer",))
     return Pipeline(
         unet=build_unet(configs["unet"], tensors["unet"], dtype, device),
-        vae=build_vae(configs["vae"], tensors["vae"], torch.float32 if sdxl and force_upcast else dtype, device),
+        vae=build_vae(configs["vae"], tensors["vae"], torch.float32 if upcast else dtype, device),
         text_encoder=build_text_encoder(configs["text_encoder"], tensors["text_encoder"], dtype, device),
         tokenizer=tokenizers["tokenizer"],
         text_encoder_2=(build_text_encoder(configs["text_encoder_2"], tensors["text_encoder_2"], dtype, device,
-                                           "text_encoder_2") if sdxl else None),
+                                           "text_encoder_2") if two else None),
         tokenizer_2=tokenizers.get("tokenizer_2"),
-        force_zeros_for_empty_prompt=sdxl and index.get("force_zeros_for_empty_prompt", True),
+        family=family,
         scheduler_config=configs["scheduler"],
         name=os.path.basename(os.path.normpath(os.fspath(model))),
     )

@@ -1,9 +1,21 @@
-"""The sampling loop of latent diffusion: text-to-image, img2img and inpainting with one pipeline.
+"""Text-to-image, img2img and inpainting with one pipeline, as stages that run one way:
+
+    request ─► prepare ─► Run(Conditioning, scheduler, start latents) ─► sample (one Step per model call) ─► finish
+    (inputs,    text, mask, image latents and the start noise,             sampling.py: guidance, the        decode,
+     defaults)  drawing random numbers in diffusers' order                 known-region blend               paste back
+
+`pipe(...)` is that composition; researchers can run the stages themselves:
+
+    run = pipe.prepare(Request("a cat", image=img, mask_image=mask))
+    for step in pipe.sample(run):          # step.i, step.t, step.latents, step.x0; assign step.latents to steer
+        ...
+    out = pipe.finish(run, step.latents)   # or: for step in pipe.steps("a cat", image=img, mask_image=mask)
 
 Follows Rombach et al. 2022 (latent diffusion, the 9-channel inpainting UNet) and Ho & Salimans 2022
 (classifier-free guidance). Every convention that decides the output — the order in which random numbers are
 drawn, the mask and image preprocessing, which timesteps `strength` skips — is diffusers', so the same seed
-gives the same image (see docs/architecture.md and docs/parity.md).
+gives the same image (see docs/architecture.md and docs/parity.md). What differs between SD 1.x and SDXL is a
+`Family` value (family.py).
 
 Which task runs is decided by the inputs and the UNet:
     no image                        → text-to-image
@@ -12,41 +24,115 @@ Which task runs is decided by the inputs and the UNet:
     image + mask, 4-channel UNet    → inpainting by re-imposing the noised known region after every step
 
 Options that keep the input picture (mask edits, "only masked" crops, paste-back) live in inpaint.py; they
-run before stage 1 and after the decode, so the sampling loop itself is unchanged by them.
+run in prepare and finish, so the sampling loop itself is unchanged by them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
-from weights_convert.common import release
 
 from . import schedulers
+from .family import SD15, TASKS, Family
 from .image import ImageInput, image_size, postprocess, preprocess_image, preprocess_mask, round_size
 from .inpaint import PasteBack, blur_masks, edit_masks
+from .memory import release
 from .models.clip import CLIPTextModel
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
 from .noise import Generator, randn
+from .sampling import Conditioning, Step, sample
 from .tokenizer import tokenize
+
+# the tensors a callback_on_step_end may ask for (diffusers' names) → the record and field that hold them
+CALLBACK_TENSORS = {"latents": None, "prompt_embeds": "context", "negative_prompt_embeds": None,
+                    "add_text_embeds": "pooled", "add_time_ids": "time_ids", "mask": "mask",
+                    "masked_image_latents": "masked_latents"}
 
 
 @dataclass
 class PipelineOutput:
     images: object  # list of PIL images, a float array (B, H, W, 3) in [0, 1], or latents (B, 4, H/8, W/8)
+    # with return_attention_maps: (B, 77, H/8, W/8), each token's share of the cross-attention at each latent
+    # pixel (the 77 values sum to 1), averaged over heads, layers and steps
+    attention_maps: torch.Tensor | None = None
 
 
-def _as_prompts(prompt: str | Sequence[str], name: str) -> list[str]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    raise TypeError(f"`{name}` must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+@dataclass
+class Request:
+    """One call's inputs, named and defaulted as in diffusers' Stable Diffusion pipelines; None means the
+    family's default (family.py). `Pipeline.__call__` documents each field."""
+    prompt: str | Sequence[str] | None = None
+    image: ImageInput | None = None
+    mask_image: ImageInput | None = None
+    negative_prompt: str | Sequence[str] | None = None
+    num_inference_steps: int = 50
+    guidance_scale: float | None = None
+    strength: float | None = None
+    generator: Generator = None
+    num_images_per_prompt: int = 1
+    height: int | None = None
+    width: int | None = None
+    scheduler: str | Callable | None = None
+    eta: float | None = None
+    clip_skip: int | None = None
+    guidance_rescale: float = 0.0
+    # SDXL: the second text encoder's prompts and the size/crop conditioning
+    prompt_2: str | Sequence[str] | None = None
+    negative_prompt_2: str | Sequence[str] | None = None
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
+    negative_target_size: tuple[int, int] | None = None
+    # precomputed inputs, as diffusers takes them
+    latents: torch.Tensor | None = None
+    prompt_embeds: torch.Tensor | None = None
+    negative_prompt_embeds: torch.Tensor | None = None
+    pooled_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
+    # keeping the picture (inpaint.py)
+    preserve_unmasked: bool = False
+    mask_blur: float = 0
+    mask_grow: int = 0
+    invert_mask: bool = False
+    padding_mask_crop: int | None = None
+    masked_latents_blend: bool = False
+    conventions: str | None = None  # "diffusers" (default) or "original" (family.py)
+    output_type: str = "pil"
+    progress: bool = True
+    return_attention_maps: bool = False
+    callback_on_step_end: Callable | None = None
+    callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)
+    scheduler_options: dict = field(default_factory=dict)  # config overrides: timestep_spacing="trailing", …
+
+    @classmethod
+    def of(cls, prompt=None, **options) -> Request:
+        """A request from pipe(...)'s arguments: keywords that are not fields override the scheduler's config."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"prompt", "scheduler_options"}
+        scheduler_options = {k: options.pop(k) for k in list(options) if k not in fields}
+        return cls(prompt, **options, scheduler_options=scheduler_options)
+
+
+@dataclass
+class Run:
+    """What prepare decided: everything the loop and the decode need, as tensors and plain values."""
+    request: Request
+    family: Family
+    task: str  # "txt2img", "img2img" or "inpaint"
+    height: int
+    width: int
+    batch: int  # B = prompts × images per prompt
+    cond: Conditioning
+    scheduler: object
+    latents: torch.Tensor  # (B, 4, H/8, W/8) start latents
+    paste: PasteBack | None  # how the decoded images go back into the input pictures, if they do
 
 
 class Pipeline:
@@ -56,27 +142,29 @@ class Pipeline:
     output and six size/crop "time ids" condition the UNet beside the text context."""
 
     def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer,
-                 scheduler_config: dict, text_encoder_2: CLIPTextModel | None = None, tokenizer_2=None,
-                 force_zeros_for_empty_prompt: bool = False, name: str = ""):
+                 scheduler_config: dict, family: Family = SD15, text_encoder_2: CLIPTextModel | None = None,
+                 tokenizer_2=None, name: str = ""):
+        if (text_encoder_2 is not None) != (family.text_encoders == 2):
+            raise ValueError(f"{family.title} has {family.text_encoders} text encoder(s)")
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.scheduler_config = scheduler_config
-        # SDXL: no negative prompt means zero embeddings, not the encoding of ""
-        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.family = family
         self.name = name
         # Each model's memory-mapped weights go back to the page cache when its stage of a call is over, so
         # the peak is that of the largest model, not of all of them; the next call maps them in again.
         self.release_weights = True
+        self._interrupt = False  # a callback sets it to stop the loop, as in diffusers
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
 
     def _release(self, *models: torch.nn.Module | None) -> None:
         if self.release_weights:
             for model in models:
                 if model is not None:
                     release(model)
-
-    @property
-    def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -90,28 +178,24 @@ class Pipeline:
     def vae_dtype(self) -> torch.dtype:  # fp32 when an SDXL VAE's config forces it (see loading.py)
         return next(self.vae.parameters()).dtype
 
-    # -- 1. text ------------------------------------------------------------------------------------------
+    # -- models -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], prompts_2: list[str] | None = None,
                       clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prompts → (context (B, 77, D), pooled (B, P) or None), as diffusers conditions each family.
-
-        SD 1.x: the last layer after the final layer norm, or with clip_skip=k the output k layers earlier,
-        also through the final layer norm. SDXL: the penultimate layer of both encoders without the final norm
-        (k layers earlier with clip_skip), concatenated to 768 + 1280 wide; pooled = encoder 2's projected EOS."""
-        if not self.is_sdxl:
-            layer = -1 if clip_skip is None else -(clip_skip + 1)
-            ids = tokenize(self.tokenizer, prompts).to(_device_of(self.text_encoder))
-            return self.text_encoder(ids, hidden_layer=layer).hidden.to(self.dtype), None
-        layer = -2 if clip_skip is None else -(clip_skip + 2)
+        """Prompts → (context (B, 77, D), pooled (B, P) or None), as diffusers conditions each family: the
+        family's text layer (SD 1.x the last, through the final LayerNorm; SDXL the penultimate of both
+        encoders, not normed, concatenated to 768 + 1280 wide), or clip_skip layers earlier; pooled = encoder
+        2's projected EOS token."""
+        layer, norm = self.family.text_layer - (clip_skip or 0), self.family.text_final_norm
         ids = tokenize(self.tokenizer, prompts).to(_device_of(self.text_encoder))
+        hidden = self.text_encoder(ids, hidden_layer=layer, final_norm=norm).hidden
+        if self.text_encoder_2 is None:
+            return hidden.to(self.device, self.dtype), None
         ids_2 = tokenize(self.tokenizer_2, prompts_2 or prompts).to(_device_of(self.text_encoder_2))
-        hidden = self.text_encoder(ids, hidden_layer=layer, final_norm=False).hidden
-        out_2 = self.text_encoder_2(ids_2, hidden_layer=layer, final_norm=False, pooled=True)
+        out_2 = self.text_encoder_2(ids_2, hidden_layer=layer, final_norm=norm, pooled=True)
         context = torch.cat([hidden.to(out_2.hidden.device), out_2.hidden], dim=-1)
         return context.to(self.device, self.dtype), out_2.pooled.to(self.device, self.dtype)
 
-    # -- 2. images ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_image(self, x: torch.Tensor, generator: Generator, sample: bool = True) -> torch.Tensor:
         """Pixels (B, 3, H, W) in [-1, 1] → scaled latents, sampled from the posterior (not its mean), one
@@ -131,45 +215,11 @@ class Pipeline:
 
     # -- the call -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | Sequence[str],
-        image: ImageInput | None = None,
-        mask_image: ImageInput | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float | None = None,
-        strength: float | None = None,
-        generator: Generator = None,
-        num_images_per_prompt: int = 1,
-        height: int | None = None,
-        width: int | None = None,
-        scheduler: str | Callable | None = None,
-        eta: float | None = None,
-        clip_skip: int | None = None,
-        guidance_rescale: float = 0.0,
-        prompt_2: str | Sequence[str] | None = None,
-        negative_prompt_2: str | Sequence[str] | None = None,
-        original_size: tuple[int, int] | None = None,
-        crops_coords_top_left: tuple[int, int] = (0, 0),
-        target_size: tuple[int, int] | None = None,
-        negative_original_size: tuple[int, int] | None = None,
-        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
-        negative_target_size: tuple[int, int] | None = None,
-        preserve_unmasked: bool = False,
-        mask_blur: float = 0,
-        mask_grow: int = 0,
-        invert_mask: bool = False,
-        padding_mask_crop: int | None = None,
-        masked_latents_blend: bool = False,
-        output_type: str = "pil",
-        progress: bool = True,
-        **scheduler_overrides,
-    ) -> PipelineOutput:
+    def __call__(self, prompt: str | Sequence[str] | None = None, **options) -> PipelineOutput:
         """Generate images. Arguments are named, and default, as in diffusers' Stable Diffusion pipelines.
 
         Args:
-            prompt: a string or one string per batch item.
+            prompt: a string or one string per batch item (or None with prompt_embeds).
             image: the input image(s) for img2img and inpainting (PIL, numpy in [0, 1] or uint8, or a tensor).
             mask_image: white (≥ 0.5) = repaint, black = keep; any PIL mode, numpy or tensor.
             negative_prompt: what to steer away from; a string or one per prompt (default "", and for SDXL
@@ -192,6 +242,10 @@ class Pipeline:
             prompt_2, negative_prompt_2: SDXL's second text encoder's prompts (default: the first ones).
             original_size, crops_coords_top_left, target_size (and negative_ forms): SDXL size and crop
                 conditioning (Podell et al. 2023 §2.2), (height, width) and (top, left).
+            latents: start latents (B, 4, H/8, W/8) instead of drawn noise; text-to-image and inpainting scale
+                them by the scheduler's init_noise_sigma, img2img starts from them as they are (diffusers' rules).
+            prompt_embeds, negative_prompt_embeds: text contexts (B, 77, D) instead of prompts; SDXL also takes
+                pooled_prompt_embeds and negative_pooled_prompt_embeds (B, P).
             preserve_unmasked: return the input picture, at its own size, byte for byte wherever the mask is 0
                 and farther than 4·mask_blur + 2 px from it; the generated pixels on the mask; a smooth blend
                 between (see docs/inpainting.md).
@@ -205,139 +259,221 @@ class Pipeline:
             masked_latents_blend: 9-channel models: also re-impose the known region's latents after each step,
                 as 4-channel models always do, so the unmasked area drifts less before the decode.
                 Off by default (diffusers' behaviour); a no-op for 4-channel models.
+            conventions: "original" reproduces the release code's (ldm / sgm) numbers where diffusers differs
+                (docs/parity.md); default "diffusers".
             output_type: "pil", "np" (float array (B, H, W, 3) in [0, 1]) or "latent".
             progress: show a progress bar.
+            return_attention_maps: also return each prompt token's cross-attention map (PipelineOutput).
+            callback_on_step_end: fn(pipe, i, t, tensors) → dict, called after every step with the tensors named
+                in callback_on_step_end_tensor_inputs (diffusers' names: latents, prompt_embeds, mask, …); a
+                returned tensor replaces the current one. Setting `pipe._interrupt = True` stops the loop there.
+            Other keyword arguments override the scheduler's config (timestep_spacing="trailing", …).
         """
-        task = "txt2img" if image is None else ("img2img" if mask_image is None else "inpaint")
-        inpainting_unet = self.unet.cfg.in_channels == 9
-        if guidance_scale is None:
-            guidance_scale = 5.0 if self.is_sdxl and task != "inpaint" else 7.5
-        if strength is None:
-            strength = {"txt2img": 1.0, "img2img": 0.3 if self.is_sdxl else 0.8,
-                        "inpaint": 0.9999 if self.is_sdxl else 1.0}[task]
-        self._check(task, image, mask_image, num_inference_steps, guidance_scale, strength, num_images_per_prompt,
-                    output_type)
-        if not self.is_sdxl and (prompt_2 is not None or negative_prompt_2 is not None):
-            raise ValueError("prompt_2 and negative_prompt_2 need an SDXL model (it has a second text encoder)")
-        prompts = _as_prompts(prompt, "prompt")
-        batch = len(prompts) * num_images_per_prompt
-        if isinstance(generator, (list, tuple)) and len(generator) != batch:
-            raise ValueError(f"{len(generator)} generators for {batch} images: give one per image or a single one")
-        self._check_picture_options(task, output_type, preserve_unmasked, mask_blur, mask_grow, invert_mask,
-                                    padding_mask_crop, masked_latents_blend)
+        run = self.prepare(Request.of(prompt, **options))
+        req, latents = run.request, run.latents
+        self._interrupt = False
+        maps = None
+        if req.return_attention_maps:
+            from .attention_maps import CrossAttentionMaps
+
+            maps = CrossAttentionMaps(self.unet, tuple(latents.shape[-2:]))
+        with maps if maps is not None else contextlib.nullcontext():
+            for step in self.sample(run):
+                if req.callback_on_step_end is not None:
+                    self._callback(run, step)
+                latents = step.latents
+                if self._interrupt:
+                    break
+        self._release(self.unet)
+        out = self.finish(run, latents)
+        if maps is not None:  # the text-conditioned half of a guided batch
+            out.attention_maps = maps.maps()[-run.batch:]
+        return out
+
+    def steps(self, prompt: str | Sequence[str] | None = None, **options) -> Iterator[Step]:
+        """The sampling loop of `pipe(prompt, **options)`, one Step per model call (see sampling.Step)."""
+        return self.sample(self.prepare(Request.of(prompt, **options)))
+
+    # -- stage 1: inputs → Run ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, req: Request) -> Run:
+        """Defaults and checks, the mask edits, the text conditioning, the schedule, then the image latents
+        and the start latents. Nothing after this stage looks at a PIL image or an option."""
+        task = "txt2img" if req.image is None else ("img2img" if req.mask_image is None else "inpaint")
+        family = self.family.with_conventions(req.conventions)
+        req = dataclasses.replace(
+            req, guidance_scale=family.guidance_scale[task] if req.guidance_scale is None else req.guidance_scale,
+            strength=family.strength[task] if req.strength is None else req.strength)
+        self._check(task, req)
+        prompts, batch = self._prompts(req)
+        image, mask_image, paste = req.image, req.mask_image, None
+        height, width = req.height, req.width
         if height is None or width is None:  # the crop is resized to the model's size, as diffusers does
-            h0, w0 = (image_size(image) if image is not None and padding_mask_crop is None
-                      else (self.unet.cfg.sample_size * 8,) * 2)
+            h0, w0 = (image_size(image) if image is not None and req.padding_mask_crop is None
+                      else (self.unet.cfg.sample_size * family.vae_scale_factor,) * 2)
             height, width = height or h0, width or w0
         height, width = round_size(height, width)
-        device, dtype = self.device, self.dtype
-        guided = guidance_scale > 1.0
 
-        # 0. the mask as edited (invert, grow, then blur), and how the result goes back into the input picture;
-        #    padding_mask_crop: from here on, image and mask are the box around the mask, at height × width
-        paste = None
+        # the mask as edited (invert, grow, then blur), and how the result goes back into the input picture;
+        # padding_mask_crop: from here on, image and mask are the box around the mask, at height × width
         if task == "inpaint":
-            mask_image = edit_masks(mask_image, invert_mask, mask_grow)
-            if preserve_unmasked or padding_mask_crop is not None:
-                paste = PasteBack.build(image, mask_image, preserve_unmasked, mask_blur)
-            mask_image = blur_masks(mask_image, mask_blur)
-            if padding_mask_crop is not None:
-                image, mask_image = paste.crop(image, mask_image, width, height, padding_mask_crop)
+            mask_image = edit_masks(mask_image, req.invert_mask, req.mask_grow)
+            if req.preserve_unmasked or req.padding_mask_crop is not None:
+                paste = PasteBack.build(image, mask_image, req.preserve_unmasked, req.mask_blur)
+            mask_image = blur_masks(mask_image, req.mask_blur)
+            if req.padding_mask_crop is not None:
+                image, mask_image = paste.crop(image, mask_image, width, height, req.padding_mask_crop)
 
-        # 1. text: context (B, 77, D) [+ SDXL pooled (B, P) and time ids (B, 6)], unconditional half first
-        prompts_2 = None if prompt_2 is None else _matching(prompt_2, prompts, "prompt_2")
-        context, pooled = self.encode_prompt(prompts, prompts_2, clip_skip)
+        cond = self._text_conditioning(req, task, prompts, batch, (height, width))
+        options = dict(req.scheduler_options, **({} if req.eta is None else {"eta": req.eta}))
+        scheduler = schedulers.create(req.scheduler or schedulers.from_checkpoint(self.scheduler_config),
+                                      self.scheduler_config, req.num_inference_steps, req.strength, **options)
+        latents = self._start_latents(req, task, cond, scheduler, image, mask_image, batch, height, width)
+        return Run(req, family, task, height, width, batch, cond, scheduler, latents, paste)
+
+    def _prompts(self, req: Request) -> tuple[list[str] | None, int]:
+        """The prompt list (None with prompt_embeds) and the batch B = prompts × images per prompt."""
+        if req.prompt_embeds is not None:
+            return None, req.prompt_embeds.shape[0] * req.num_images_per_prompt
+        prompts = _as_prompts(req.prompt, "prompt")
+        batch = len(prompts) * req.num_images_per_prompt
+        if isinstance(req.generator, (list, tuple)) and len(req.generator) != batch:
+            raise ValueError(f"{len(req.generator)} generators for {batch} images: give one per image or a single one")
+        return prompts, batch
+
+    def _text_conditioning(self, req: Request, task: str, prompts: list[str] | None, batch: int,
+                           size: tuple[int, int]) -> Conditioning:
+        """Context (N, 77, D), and for SDXL pooled (N, P) and time ids (N, 6): N = 2B with guidance, the
+        unconditional rows first. Negatives are encoded without clip_skip, as diffusers does."""
+        guided = req.guidance_scale > 1.0
+        if req.prompt_embeds is not None:
+            context, pooled = req.prompt_embeds, req.pooled_prompt_embeds
+            prompts = [""] * context.shape[0]  # the count, for matching the negative prompts
+        else:
+            prompts_2 = None if req.prompt_2 is None else _matching(req.prompt_2, prompts, "prompt_2")
+            context, pooled = self.encode_prompt(prompts, prompts_2, req.clip_skip)
         if guided:
-            if self.is_sdxl and negative_prompt is None and self.force_zeros_for_empty_prompt:
+            if req.negative_prompt_embeds is not None:
+                uncond, uncond_pooled = req.negative_prompt_embeds, req.negative_pooled_prompt_embeds
+            elif self.family.zero_negatives and req.negative_prompt is None:
                 uncond, uncond_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
             else:
-                negatives = _matching("" if negative_prompt is None else negative_prompt, prompts, "negative_prompt")
-                negatives_2 = negatives if negative_prompt_2 is None else _matching(
-                    negative_prompt_2, prompts, "negative_prompt_2")
+                negatives = _matching("" if req.negative_prompt is None else req.negative_prompt, prompts,
+                                      "negative_prompt")
+                negatives_2 = negatives if req.negative_prompt_2 is None else _matching(
+                    req.negative_prompt_2, prompts, "negative_prompt_2")
                 uncond, uncond_pooled = self.encode_prompt(negatives, negatives_2)
-            context = torch.cat([uncond, context])
-            pooled = None if pooled is None else torch.cat([uncond_pooled, pooled])
+            context = torch.cat([uncond.to(context), context])
+            pooled = None if pooled is None else torch.cat([uncond_pooled.to(pooled), pooled])
         self._release(self.text_encoder, self.text_encoder_2)
-        context = context.repeat_interleave(num_images_per_prompt, dim=0)  # each row n times, halves kept
-        pooled = None if pooled is None else pooled.repeat_interleave(num_images_per_prompt, dim=0)
-        added = {}
-        if self.is_sdxl:
-            time_ids = _time_ids(task, (height, width), original_size, crops_coords_top_left, target_size,
-                                 negative_original_size, negative_crops_coords_top_left, negative_target_size)
-            time_ids = torch.tensor(time_ids if guided else time_ids[1:], dtype=dtype, device=device)
-            added = dict(text_embeds=pooled, time_ids=time_ids.repeat_interleave(batch, dim=0))
+        n = req.num_images_per_prompt
+        cond = Conditioning(context=context.to(self.device, self.dtype).repeat_interleave(n, dim=0),  # halves kept
+                            guidance_scale=req.guidance_scale, guidance_rescale=req.guidance_rescale)
+        if self.family.time_ids:
+            time_ids = _time_ids(task, size, req.original_size, req.crops_coords_top_left, req.target_size,
+                                 req.negative_original_size, req.negative_crops_coords_top_left,
+                                 req.negative_target_size)
+            time_ids = torch.tensor(time_ids if guided else time_ids[1:], dtype=self.dtype, device=self.device)
+            cond.pooled = pooled.to(self.device, self.dtype).repeat_interleave(n, dim=0)
+            cond.time_ids = time_ids.repeat_interleave(batch, dim=0)
+        return cond
 
-        # 2. schedule (cut by strength)
-        if scheduler is None:
-            scheduler = schedulers.from_checkpoint(self.scheduler_config)
-        if eta is not None:
-            scheduler_overrides["eta"] = eta
-        sched = schedulers.create(scheduler, self.scheduler_config, num_inference_steps, strength,
-                                  **scheduler_overrides)
-        timesteps = sched.timesteps
-
-        # 3. images, masks and the start latent, drawing random numbers in diffusers' order
-        shape = (batch, 4, height // 8, width // 8)
-        image_latents = mask = masked_latents = None
+    def _start_latents(self, req: Request, task: str, cond: Conditioning, scheduler, image, mask_image,
+                       batch: int, height: int, width: int) -> torch.Tensor:
+        """The image latents, the start latents and the inpainting inputs, drawing random numbers in
+        diffusers' order: (1) the image's posterior sample, when the start or the blend needs it; (2) the start
+        noise, unless `latents` were given; (3) the masked image's posterior sample. Fills cond's mask,
+        masked_latents, known and noise; returns the start latents (B, 4, H/8, W/8)."""
+        f = self.family.vae_scale_factor
+        shape = (batch, self.family.latent_channels, height // f, width // f)
+        device, dtype, generator = self.device, self.dtype, req.generator
+        inpainting_unet = self.unet.cfg.in_channels == 9
+        given = None if req.latents is None else req.latents.to(device, dtype)
+        if given is not None and given.shape != shape:
+            raise ValueError(f"latents have shape {tuple(given.shape)}, expected {shape} for {batch} image(s) of "
+                             f"{width}x{height}")
+        image_latents = None
         if task == "img2img":
+            if given is not None:  # diffusers' SDXL img2img: the given latents are the start, used as they are
+                self._release(self.vae.encoder)
+                return given
             x = preprocess_image(image, height, width)
             if isinstance(generator, (list, tuple)):  # diffusers repeats the images first, then encodes each
                 x = x.repeat(batch // x.shape[0], 1, 1, 1)
             image_latents = _expand(self.encode_image(x, generator), batch)
-            noise = randn(shape, generator, device, dtype)
-            latents = sched.add_noise(image_latents, noise, 0)
+            latents = scheduler.add_noise(image_latents, randn(shape, generator, device, dtype), 0)
+            self._release(self.vae.encoder)
+            return latents
+
+        if task == "inpaint":
+            x = preprocess_image(image, height, width)
+            mask_px = preprocess_mask(mask_image, height, width)
+            # 4-channel models blend with the image latents; a 9-channel one needs them to start part-way
+            # (diffusers encodes them only when it will use them: given latents always start from noise)
+            if not inpainting_unet or (req.strength < 1.0 and given is None):
+                image_latents = _expand(self.encode_image(x, generator), batch)
+        noise = randn(shape, generator, device, dtype) if given is None else given
+        if req.strength == 1.0 or given is not None:
+            latents = noise * scheduler.init_noise_sigma
         else:
-            if task == "inpaint":
-                x = preprocess_image(image, height, width)
-                mask_px = preprocess_mask(mask_image, height, width)
-                if not inpainting_unet or strength < 1.0:
-                    image_latents = _expand(self.encode_image(x, generator), batch)
-            noise = randn(shape, generator, device, dtype)
-            latents = noise * sched.init_noise_sigma if strength == 1.0 else sched.add_noise(image_latents, noise, 0)
-            if task == "inpaint":
-                masked = x * (mask_px < 0.5)  # repainted pixels become 0, mid-grey
-                masked_latents = _expand(self.encode_image(masked, generator), batch)
-                mask = _expand(torch.nn.functional.interpolate(mask_px, size=shape[-2:]), batch).to(device, dtype)
-                if masked_latents_blend and image_latents is None:  # the mean: no random number drawn
+            latents = scheduler.add_noise(image_latents, noise, 0)
+        if task == "inpaint":
+            masked = x * (mask_px < 0.5)  # repainted pixels become 0, mid-grey
+            masked_latents = _expand(self.encode_image(masked, generator), batch)
+            mask = _expand(torch.nn.functional.interpolate(mask_px, size=shape[-2:]), batch).to(device, dtype)
+            copies = 2 if cond.guided else 1  # as the UNet batch: both halves of a guided batch
+            cond.mask = torch.cat([mask] * copies)
+            if inpainting_unet:
+                cond.masked_latents = torch.cat([masked_latents] * copies)
+            if not inpainting_unet or req.masked_latents_blend:
+                if image_latents is None:  # the mean: no random number drawn
                     image_latents = _expand(self.encode_image(x, generator, sample=False), batch)
-        blend = task == "inpaint" and (not inpainting_unet or masked_latents_blend)
+                cond.known, cond.noise = image_latents, noise
         self._release(self.vae.encoder)
+        return latents
 
-        # 4. denoise
-        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=self.name or "sampling")):
-            x_in = torch.cat([latents] * 2) if guided else latents
-            x_in = sched.scale_model_input(x_in, i)
-            if inpainting_unet:  # mask and masked latents are never scaled by the scheduler
-                extra = torch.cat([mask, masked_latents], dim=1)
-                x_in = torch.cat([x_in, torch.cat([extra] * 2) if guided else extra], dim=1)
-            eps = self.unet(x_in, t, context, **added)
-            if guided:
-                eps_uncond, eps_text = eps.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
-                if guidance_rescale > 0:
-                    eps = rescale_guidance(eps, eps_text, guidance_rescale)
-            latents = sched.step(eps, i, latents, generator=generator)
-            if blend:
-                known = sched.add_noise(image_latents, noise, i + 1) if i + 1 < len(timesteps) else image_latents
-                latents = (1 - mask) * known + mask * latents
-        self._release(self.unet)
+    # -- stage 2: the loop --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, run: Run) -> Iterator[Step]:
+        """The denoising loop of a prepared run (sampling.sample on this pipeline's UNet)."""
+        req = run.request
+        yield from sample(self.unet, run.latents, run.cond, run.scheduler, req.generator, req.progress,
+                          self.name or "sampling")
 
-        # 5. decode
+    def _callback(self, run: Run, step: Step) -> None:
+        """diffusers' callback_on_step_end: the named tensors in, the returned ones replace the current ones
+        (negative_prompt_embeds is read-only, as in diffusers, where it is already inside prompt_embeds)."""
+        cond = run.cond
+        current = {"latents": step.latents, "negative_prompt_embeds": cond.context[:run.batch] if cond.guided
+                   else None}
+        current.update({name: getattr(cond, attr) for name, attr in CALLBACK_TENSORS.items() if attr})
+        names = run.request.callback_on_step_end_tensor_inputs
+        returned = run.request.callback_on_step_end(self, step.i, step.t, {k: current[k] for k in names}) or {}
+        for name, value in returned.items():
+            if name == "latents":
+                step.latents = value
+            elif CALLBACK_TENSORS.get(name):
+                setattr(cond, CALLBACK_TENSORS[name], value)
+
+    # -- stage 3: latents → pictures ----------------------------------------------------------------------
+    @torch.no_grad()
+    def finish(self, run: Run, latents: torch.Tensor) -> PipelineOutput:
+        """Decode, and paste back into the input pictures at their own size when asked."""
+        output_type = run.request.output_type
         if output_type == "latent":
             return PipelineOutput(images=latents)
         decoded = self.decode(latents)
         self._release(self.vae.decoder)
-        if paste is None:
+        if run.paste is None:
             return PipelineOutput(images=postprocess(decoded, output_type))
-
-        # 6. paste back into the input picture, at its own size
-        images = paste(postprocess(decoded, "pil"))
+        images = run.paste(postprocess(decoded, "pil"))
         if output_type == "np":
             images = np.stack([np.asarray(i, dtype=np.float32) / 255 for i in images])
         return PipelineOutput(images=images)
 
-    def _check(self, task, image, mask_image, num_inference_steps, guidance_scale, strength, num_images_per_prompt,
-               output_type) -> None:
+    # -- checks -------------------------------------------------------------------------------------------
+    def _check(self, task: str, req: Request) -> None:
+        image, mask_image, strength = req.image, req.mask_image, req.strength
         if mask_image is not None and image is None:
             raise ValueError("mask_image was given without image: pass the image to inpaint as well")
         if task == "inpaint" and image_size(image) != image_size(mask_image):
@@ -350,36 +486,55 @@ class Pipeline:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         if task == "txt2img" and strength != 1.0:
             raise ValueError("strength applies only when an image is given")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer ≥ 1, got {num_inference_steps}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be ≥ 0 (1 or less turns guidance off), got {guidance_scale}")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be ≥ 1, got {num_images_per_prompt}")
-        if output_type not in ("pil", "np", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        if not isinstance(req.num_inference_steps, int) or req.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer ≥ 1, got {req.num_inference_steps}")
+        if req.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be ≥ 0 (1 or less turns guidance off), got {req.guidance_scale}")
+        if req.num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be ≥ 1, got {req.num_images_per_prompt}")
+        if req.output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {req.output_type!r}")
+        if self.family.text_encoders == 1 and (req.prompt_2 is not None or req.negative_prompt_2 is not None):
+            raise ValueError("prompt_2 and negative_prompt_2 need an SDXL model (it has a second text encoder)")
+        self._check_embeds(req)
+        unknown = [k for k in req.callback_on_step_end_tensor_inputs if k not in CALLBACK_TENSORS]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} unknown; choose from "
+                             f"{list(CALLBACK_TENSORS)}")
+        self._check_picture_options(task, req)
 
-    def _check_picture_options(self, task, output_type, preserve_unmasked, mask_blur, mask_grow, invert_mask,
-                               padding_mask_crop, masked_latents_blend) -> None:
-        used = [name for name, v in [("preserve_unmasked", preserve_unmasked), ("mask_blur", mask_blur),
-                                     ("mask_grow", mask_grow), ("invert_mask", invert_mask),
-                                     ("padding_mask_crop", padding_mask_crop is not None),
-                                     ("masked_latents_blend", masked_latents_blend)] if v]
+    def _check_embeds(self, req: Request) -> None:
+        if (req.prompt is None) == (req.prompt_embeds is None):
+            raise ValueError("give either prompt or prompt_embeds (one of them, not both)")
+        if req.negative_prompt is not None and req.negative_prompt_embeds is not None:
+            raise ValueError("give either negative_prompt or negative_prompt_embeds, not both")
+        pooled = self.family.text_encoders == 2
+        for embeds, pooled_embeds, name in ((req.prompt_embeds, req.pooled_prompt_embeds, "prompt_embeds"),
+                                            (req.negative_prompt_embeds, req.negative_pooled_prompt_embeds,
+                                             "negative_prompt_embeds")):
+            if embeds is None:
+                continue
+            if pooled and pooled_embeds is None:
+                raise ValueError(f"SDXL needs {name.replace('prompt', 'pooled_prompt', 1)} with {name}")
+            if embeds.ndim != 3:
+                raise ValueError(f"{name} must be (batch, tokens, width), got shape {tuple(embeds.shape)}")
+        if (req.negative_prompt_embeds is not None and req.prompt_embeds is not None
+                and req.negative_prompt_embeds.shape != req.prompt_embeds.shape):
+            raise ValueError(f"negative_prompt_embeds {tuple(req.negative_prompt_embeds.shape)} must have "
+                             f"prompt_embeds' shape {tuple(req.prompt_embeds.shape)}")
+
+    def _check_picture_options(self, task: str, req: Request) -> None:
+        used = [name for name, v in [("preserve_unmasked", req.preserve_unmasked), ("mask_blur", req.mask_blur),
+                                     ("mask_grow", req.mask_grow), ("invert_mask", req.invert_mask),
+                                     ("padding_mask_crop", req.padding_mask_crop is not None),
+                                     ("masked_latents_blend", req.masked_latents_blend)] if v]
         if used and task != "inpaint":
             raise ValueError(f"{', '.join(used)} need(s) an image and a mask_image (inpainting)")
-        if (preserve_unmasked or padding_mask_crop is not None) and output_type == "latent":
+        if (req.preserve_unmasked or req.padding_mask_crop is not None) and req.output_type == "latent":
             raise ValueError("preserve_unmasked and padding_mask_crop paste pixels back: use output_type "
                              "'pil' or 'np', not 'latent'")
-        if not isinstance(mask_blur, (int, float)) or mask_blur < 0:
-            raise ValueError(f"mask_blur must be a number ≥ 0 (px), got {mask_blur!r}")
-
-
-def rescale_guidance(eps: torch.Tensor, eps_text: torch.Tensor, phi: float) -> torch.Tensor:
-    """Lin et al. 2023 eq. 15–16: match the guided prediction's std to the text prediction's, then blend by φ
-    (against over-exposure with zero-terminal-SNR schedules and high guidance)."""
-    dims = list(range(1, eps.ndim))
-    rescaled = eps * (eps_text.std(dim=dims, keepdim=True) / eps.std(dim=dims, keepdim=True))
-    return phi * rescaled + (1 - phi) * eps
+        if not isinstance(req.mask_blur, (int, float)) or req.mask_blur < 0:
+            raise ValueError(f"mask_blur must be a number ≥ 0 (px), got {req.mask_blur!r}")
 
 
 def _time_ids(task, size, original_size, crops, target_size, neg_original_size, neg_crops, neg_target_size):
@@ -397,6 +552,14 @@ def _time_ids(task, size, original_size, crops, target_size, neg_original_size, 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+def _as_prompts(prompt: str | Sequence[str], name: str) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise TypeError(f"`{name}` must be a string or a non-empty list of strings, got {type(prompt).__name__}")
 
 
 def _matching(prompt: str | Sequence[str], prompts: list[str], name: str) -> list[str]:

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> list[str]:
                       strength=args.strength or "default", model=args.model, dtype=args.dtype, **picture)
     if sides is not None:
         parameters["outpaint"] = args.outpaint
-    if pipe.is_sdxl:
+    if pipe.family.text_encoders == 2:
         parameters.update(prompt_2=args.prompt_2 or args.prompt, negative_prompt_2=args.negative_prompt_2 or "")
     for i, (img, path) in enumerate(zip(out.images, paths)):
         save_png(img, path, {**parameters, "batch_index": i})
