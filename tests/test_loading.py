@@ -15,9 +15,10 @@ from conftest import make_image, make_mask
 from safetensors.torch import load_file, save_file
 
 import ldm_inpaint
-from weights_convert.__main__ import main as convert
 from ldm_inpaint.loading import build_unet
-from weights_convert.common import CheckpointError, read_component, release
+from ldm_inpaint.memory import release
+from weights_convert.__main__ import main as convert
+from weights_convert.common import CheckpointError, read_component
 
 CASES = {"sd15-inpainting": ("sd_inpaint_dir", True), "sdxl-inpainting": ("sdxl_inpaint_dir", True),
          "sd15": ("sd_dir", False)}
@@ -193,9 +194,9 @@ def test_loading_imports_no_heavy_modules(sd_inpaint_dir):
 
 def test_release_without_pagemap_does_nothing(sd_inpaint_dir, monkeypatch):
     """Some sandboxes hide /proc/self/pagemap: a call must still work, just without handing pages back."""
-    import weights_convert.common as common
+    import ldm_inpaint.memory
 
-    monkeypatch.setattr(common, "_PAGEMAP", "/nonexistent/pagemap")
+    monkeypatch.setattr(ldm_inpaint.memory, "_PAGEMAP", "/nonexistent/pagemap")
     pipe = ldm_inpaint.load_pipeline(sd_inpaint_dir, dtype=torch.bfloat16)  # a cast: drops source pages
     expected = {k: v.clone() for k, v in pipe.unet.named_parameters()}
     image(pipe, inpaint=True)
