@@ -20,18 +20,23 @@ This file also provides
   `write_tokenizer_folder` adds the two config files, so complete tokenizer folders can be built offline;
   `CLIPTokenizer.from_packaged` builds the same tokenizer from that list directly;
 - `load_tokenizer(folder)` for a diffusers `tokenizer/` or `tokenizer_2/` folder;
-- `tokenize(tokenizer, prompts)`: the exact call of diffusers' `encode_prompt`, (B, 77) ids.
+- `tokenize(tokenizer, prompts, conventions)`: the exact call of diffusers' `encode_prompt`, (B, 77) ids; with
+  conventions="original", OpenCLIP's tokenizer gives open_clip's ids instead (below).
 
 The two SDXL tokenizers differ in the pad token: `<|endoftext|>` (49407) for CLIP ViT-L/14 and `!` (0) for
 OpenCLIP ViT-bigG, reproducing open_clip's zero padding. Pad positions are not masked in the UNet's
 cross-attention, so the pad id changes the conditioning. `!` being a special token there, transformers also
-cuts every `!` of a prompt out as a lone id 0 instead of BPE-merging it (`!!!` → 0 0 0, not `!!!</w>`): kept.
+cuts every `!` of a prompt out as a lone id 0 instead of BPE-merging it (`!!!` → 0 0 0, not `!!!</w>`): kept by
+default, as diffusers does. The code SDXL was released with (Stability's sgm, `FrozenOpenCLIPEmbedder2.forward`)
+calls `open_clip.tokenize`, whose `SimpleTokenizer` treats `!` as any other character; `encode_open_clip`
+reproduces it (see its doc for the other, rarer, differences).
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import html
 import json
 import logging
 import os
@@ -40,6 +45,8 @@ from pathlib import Path
 
 import regex  # the `re` module has no \p{L} / \p{N}
 import torch
+
+from .family import CONVENTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +65,11 @@ _WHITESPACE = regex.compile(r"\s+")
 _CLIP_WORDS = regex.compile(
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+")
 _GPT2_WORDS = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
+# open_clip's words (src/open_clip/tokenizer.py, `SimpleTokenizer.__init__`): CLIP's pattern led by open_clip's own
+# names for the special tokens, case-insensitive
+_OPEN_CLIP_SPECIAL = ("<start_of_text>", "<end_of_text>")
+_OPEN_CLIP_WORDS = regex.compile(
+    r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
 # the config keys of transformers' named special tokens, in the order it adds them (a later one wins)
 _NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # transformers' CLIPTokenizer defaults, for a config that names none
@@ -276,6 +288,30 @@ class CLIPTokenizer:
                             for i in self._bpe(w)]
         return ids + [self.eos_token_id]
 
+    @property
+    def is_open_clip(self) -> bool:
+        """Whether this is an OpenCLIP encoder's tokenizer (SDXL's tokenizer_2, SD 2.x's): diffusers marks them by
+        the pad token `!` (id 0), its stand-in for open_clip's zero padding."""
+        return self.pad_token == "!"
+
+    def encode_open_clip(self, text: str) -> list[int]:
+        """[BOS, ids of `text`..., EOS] as open_clip's `SimpleTokenizer.encode` gives them (src/open_clip/tokenizer.py,
+        the open_clip 2.x that sgm's `FrozenOpenCLIPEmbedder2` calls), on this tokenizer's vocabulary:
+        1. the text is cleaned: HTML entities unescaped twice (`&amp;amp;` → `&`), stripped, each run of white
+           space → one space, stripped again, lower-cased by Python's `str.lower` (word-final Σ → ς);
+        2. CLIP's pattern picks the words, `<start_of_text>` and `<end_of_text>` (any case) first: those two are
+           BOS and EOS; `<|startoftext|>`, `<|endoftext|>` and `!` are plain text;
+        3. each word is BPE-merged whole (`!!` → `!!</w>`, `world!` → `world</w>` `!</w>`).
+        Not reproduced: open_clip first runs `ftfy.fix_text`, which changes only text that needs fixing (mojibake,
+        curly quotes → straight, ligatures, full-width forms, control characters)."""
+        text = html.unescape(html.unescape(text)).strip()
+        text = _WHITESPACE.sub(" ", text).strip().lower()
+        special = dict(zip(_OPEN_CLIP_SPECIAL, (self.bos_token_id, self.eos_token_id), strict=True))
+        ids = [self.bos_token_id]
+        for word in _OPEN_CLIP_WORDS.findall(text):
+            ids += [special[word]] if word in special else self._bpe(word)
+        return ids + [self.eos_token_id]
+
     def _bpe(self, word: str) -> list[int]:
         """The ids of one word: its byte characters, '</w>' glued to the last, merged pair by pair."""
         ids = self._cache.get(word)
@@ -340,11 +376,19 @@ def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
     return tokenizer
 
 
-def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str], conventions: str = "diffusers") -> torch.Tensor:
     """(B, model_max_length) int64 ids of `prompts`: [BOS, tokens..., EOS, pad...], cut to 75 tokens, as
-    diffusers' `encode_prompt` tokenizes. Logs a warning naming the part cut off from a longer prompt."""
+    diffusers' `encode_prompt` tokenizes. Logs a warning naming the part cut off from a longer prompt.
+
+    conventions="original": the ids of the code the checkpoints were released with. For an OpenCLIP tokenizer
+    (`is_open_clip`) that is open_clip's `SimpleTokenizer` (`encode_open_clip`), whose cut (`tokens[:77]`, last
+    → EOS) and zero padding are diffusers'; CLIP ViT-L's was transformers' own there too, so its ids do not
+    change."""
+    if conventions not in CONVENTIONS:
+        raise ValueError(f"conventions must be one of {CONVENTIONS}, got {conventions!r}")
     n, pad = tokenizer.model_max_length, tokenizer.pad_token_id
-    encoded = [tokenizer.encode(p) for p in prompts]
+    open_clip = conventions == "original" and tokenizer.is_open_clip
+    encoded = [tokenizer.encode_open_clip(p) if open_clip else tokenizer.encode(p) for p in prompts]
     if any(len(e) > n for e in encoded):
         # diffusers decodes positions n-1 to the last but one of the uncut batch padded to its longest: what
         # the cut dropped, without EOS (for a shorter prompt, its pad tokens)
