@@ -23,8 +23,9 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 
@@ -36,7 +37,10 @@ from ldm_inpaint.models.unet import UNet, UNetConfig
 from ldm_inpaint.models.vae import AutoencoderKL, VAEConfig
 from weights_convert.common import CheckpointError, load_into, read_component, read_tensors
 
-CONFIGS = Path(__file__).resolve().parents[1] / "ldm_inpaint" / "configs"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable  # Python ≥ 3.11; annotations only
+
+CONFIGS = files("ldm_inpaint") / "configs"  # the official diffusers configs, package data of ldm_inpaint
 FAMILIES = ("sd15", "sd15-inpainting", "sdxl-base", "sdxl-inpainting")
 SUPPORTED = "SD 1.x, SD 1.x inpainting, SDXL base 1.0, SDXL inpainting"
 COMPONENTS = {False: ("unet", "vae", "text_encoder"), True: ("unet", "vae", "text_encoder", "text_encoder_2")}
@@ -133,11 +137,10 @@ def detect(tensors: Mapping[str, torch.Tensor], name: str = "checkpoint") -> str
 
 # --- configs ---
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path | Traversable) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def official_configs(family: str) -> tuple[dict[str, dict], dict]:
