@@ -180,18 +180,18 @@ class Pipeline:
 
     # -- models -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str], prompts_2: list[str] | None = None,
-                      clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_prompt(self, prompts: list[str], prompts_2: list[str] | None = None, clip_skip: int | None = None,
+                      conventions: str = "diffusers") -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompts → (context (B, 77, D), pooled (B, P) or None), as diffusers conditions each family: the
         family's text layer (SD 1.x the last, through the final LayerNorm; SDXL the penultimate of both
         encoders, not normed, concatenated to 768 + 1280 wide), or clip_skip layers earlier; pooled = encoder
-        2's projected EOS token."""
+        2's projected EOS token. conventions="original": the release code's tokenizer ids (tokenizer.py)."""
         layer, norm = self.family.text_layer - (clip_skip or 0), self.family.text_final_norm
-        ids = tokenize(self.tokenizer, prompts).to(_device_of(self.text_encoder))
+        ids = tokenize(self.tokenizer, prompts, conventions).to(_device_of(self.text_encoder))
         hidden = self.text_encoder(ids, hidden_layer=layer, final_norm=norm).hidden
         if self.text_encoder_2 is None:
             return hidden.to(self.device, self.dtype), None
-        ids_2 = tokenize(self.tokenizer_2, prompts_2 or prompts).to(_device_of(self.text_encoder_2))
+        ids_2 = tokenize(self.tokenizer_2, prompts_2 or prompts, conventions).to(_device_of(self.text_encoder_2))
         out_2 = self.text_encoder_2(ids_2, hidden_layer=layer, final_norm=norm, pooled=True)
         context = torch.cat([hidden.to(out_2.hidden.device), out_2.hidden], dim=-1)
         return context.to(self.device, self.dtype), out_2.pooled.to(self.device, self.dtype)
@@ -324,7 +324,7 @@ class Pipeline:
             if req.padding_mask_crop is not None:
                 image, mask_image = paste.crop(image, mask_image, width, height, req.padding_mask_crop)
 
-        cond = self._text_conditioning(req, task, prompts, batch, (height, width))
+        cond = self._text_conditioning(req, family, task, prompts, batch, (height, width))
         options = dict(req.scheduler_options, **({} if req.eta is None else {"eta": req.eta}))
         scheduler = schedulers.create(req.scheduler or schedulers.from_checkpoint(self.scheduler_config),
                                       self.scheduler_config, req.num_inference_steps, req.strength, **options)
@@ -341,7 +341,7 @@ class Pipeline:
             raise ValueError(f"{len(req.generator)} generators for {batch} images: give one per image or a single one")
         return prompts, batch
 
-    def _text_conditioning(self, req: Request, task: str, prompts: list[str] | None, batch: int,
+    def _text_conditioning(self, req: Request, family: Family, task: str, prompts: list[str] | None, batch: int,
                            size: tuple[int, int]) -> Conditioning:
         """Context (N, 77, D), and for SDXL pooled (N, P) and time ids (N, 6): N = 2B with guidance, the
         unconditional rows first. Negatives are encoded without clip_skip, as diffusers does."""
@@ -351,25 +351,25 @@ class Pipeline:
             prompts = [""] * context.shape[0]  # the count, for matching the negative prompts
         else:
             prompts_2 = None if req.prompt_2 is None else _matching(req.prompt_2, prompts, "prompt_2")
-            context, pooled = self.encode_prompt(prompts, prompts_2, req.clip_skip)
+            context, pooled = self.encode_prompt(prompts, prompts_2, req.clip_skip, family.conventions)
         if guided:
             if req.negative_prompt_embeds is not None:
                 uncond, uncond_pooled = req.negative_prompt_embeds, req.negative_pooled_prompt_embeds
-            elif self.family.zero_negatives and req.negative_prompt is None:
+            elif family.zero_negatives and req.negative_prompt is None:
                 uncond, uncond_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
             else:
                 negatives = _matching("" if req.negative_prompt is None else req.negative_prompt, prompts,
                                       "negative_prompt")
                 negatives_2 = negatives if req.negative_prompt_2 is None else _matching(
                     req.negative_prompt_2, prompts, "negative_prompt_2")
-                uncond, uncond_pooled = self.encode_prompt(negatives, negatives_2)
+                uncond, uncond_pooled = self.encode_prompt(negatives, negatives_2, conventions=family.conventions)
             context = torch.cat([uncond.to(context), context])
             pooled = None if pooled is None else torch.cat([uncond_pooled.to(pooled), pooled])
         self._release(self.text_encoder, self.text_encoder_2)
         n = req.num_images_per_prompt
         cond = Conditioning(context=context.to(self.device, self.dtype).repeat_interleave(n, dim=0),  # halves kept
                             guidance_scale=req.guidance_scale, guidance_rescale=req.guidance_rescale)
-        if self.family.time_ids:
+        if family.time_ids:
             time_ids = _time_ids(task, size, req.original_size, req.crops_coords_top_left, req.target_size,
                                  req.negative_original_size, req.negative_crops_coords_top_left,
                                  req.negative_target_size)

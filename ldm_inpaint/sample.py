@@ -56,6 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="9-channel models: re-impose the known region's latents each step")
     g.add_argument("--outpaint", default=None, metavar="LEFT,TOP,RIGHT,BOTTOM",
                    help="extend the image by these many px on each side and paint the border (no --mask)")
+    p.add_argument("--attention-maps", default=None, metavar="DIR",
+                   help="write each prompt token's cross-attention map as a heat overlay on the output, "
+                        "DIR/NN_token.png (DIR/<image index>/… for several images)")
+    p.add_argument("--conventions", choices=("diffusers", "original"), default="diffusers",
+                   help="'original': the release code's (ldm / sgm) numerics where diffusers differs (docs/parity.md)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -125,6 +130,7 @@ def run(args: argparse.Namespace) -> list[str]:
                   guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, strength=args.strength,
                   generator=torch.Generator().manual_seed(seed), num_images_per_prompt=args.num_images,
                   height=args.height, width=args.width, scheduler=args.scheduler, clip_skip=args.clip_skip,
+                  conventions=args.conventions, return_attention_maps=args.attention_maps is not None,
                   progress=not args.no_progress)
     picture = dict(preserve_unmasked=args.preserve_unmasked, mask_blur=args.mask_blur, mask_grow=args.mask_grow,
                    invert_mask=args.invert_mask, padding_mask_crop=args.crop_to_mask,
@@ -142,8 +148,17 @@ def run(args: argparse.Namespace) -> list[str]:
         parameters["outpaint"] = args.outpaint
     if pipe.family.text_encoders == 2:
         parameters.update(prompt_2=args.prompt_2 or args.prompt, negative_prompt_2=args.negative_prompt_2 or "")
+    if args.conventions != "diffusers":
+        parameters["conventions"] = args.conventions
     for i, (img, path) in enumerate(zip(out.images, paths)):
         save_png(img, path, {**parameters, "batch_index": i})
+    if args.attention_maps is not None:
+        from .attention_maps import save_token_maps, token_labels
+
+        labels = token_labels(pipe.tokenizer, args.prompt)
+        for i, img in enumerate(out.images):
+            folder = args.attention_maps if len(out.images) == 1 else os.path.join(args.attention_maps, str(i))
+            save_token_maps(out.attention_maps[i], img, labels, folder)
     return paths
 
 

@@ -268,3 +268,37 @@ def test_family_is_data(sd, xl, sd_dir):
     assert run.task == "img2img" and len(run.scheduler.timesteps) == int(10 * SD15.strength["img2img"])
     with pytest.raises(ValueError, match="conventions"):
         sd[0](**inpaint_inputs(conventions="comfy"), progress=False)
+
+
+# -- cross-attention maps ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_attention_maps_sum_to_one_and_leave_the_images_unchanged(sd, xl, family):
+    ours, _ = sd if family == "sd15" else xl
+    kw = inpaint_inputs(prompt=["a red brick wall", "a cat on a hill"], num_images_per_prompt=2)
+    plain = ours(**kw, generator=torch.Generator().manual_seed(0), output_type="np", progress=False)
+    out = ours(**kw, generator=torch.Generator().manual_seed(0), output_type="np", progress=False,
+               return_attention_maps=True)
+    assert plain.attention_maps is None
+    assert np.abs(out.images - plain.images).max() <= 1e-5
+    maps = out.attention_maps
+    assert maps.shape == (4, 77, H // 8, W // 8)
+    torch.testing.assert_close(maps.sum(dim=1), torch.ones(4, H // 8, W // 8), atol=1e-5, rtol=0)
+    # rows follow the outputs: two images per prompt; the two prompts' maps differ
+    assert (maps[0] - maps[2]).abs().max() > 1e-3
+    # the maps are those of the text-conditioned half: unguided runs give maps of the same prompts' context
+    unguided = ours(**kw, guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="latent",
+                    progress=False, return_attention_maps=True).attention_maps
+    assert unguided.shape == maps.shape
+
+
+def test_cli_writes_one_attention_map_per_prompt_token(sd_inpaint_dir, tmp_path):
+    from ldm_inpaint.sample import main
+
+    make_image(W, H).save(tmp_path / "in.png")
+    make_mask(W, H).save(tmp_path / "mask.png")
+    code = main(["--model", str(sd_inpaint_dir), "--image", str(tmp_path / "in.png"), "--mask",
+                 str(tmp_path / "mask.png"), "--prompt", "a red brick wall", "--steps", "2", "--out",
+                 str(tmp_path / "out.png"), "--attention-maps", str(tmp_path / "maps"), "--no-progress"])
+    assert code == 0
+    names = sorted(p.name for p in (tmp_path / "maps").iterdir())
+    assert names == ["01_a.png", "02_red.png", "03_brick.png", "04_wall.png"]
