@@ -5,46 +5,26 @@ Equal step for step to diffusers 0.42.1 DDIMScheduler (src/diffusers/schedulers/
 
 import torch
 
-from .schedule import (
-    SchedulerConfig,
-    add_noise_at,
-    alphas_cumprod,
-    first_kept_step,
-    integer_timesteps,
-    predict_x0_eps,
-    randn_like,
-)
+from .base import AlphaBarScheduler
+from .schedule import SchedulerConfig, predict_x0_eps, randn_like
 
 
-class DDIM:
+class DDIM(AlphaBarScheduler):
     """DDIM (Song et al. 2021): x_{t−1} = √ᾱ_prev·x̂_0 + √(1 − ᾱ_prev − σ_t²)·ε̂ + σ_t·z,
     σ_t = η·√((1 − ᾱ_prev)/(1 − ᾱ_t)·(1 − ᾱ_t/ᾱ_prev))."""
 
-    order = 1  # model calls per inference step
     defaults = dict(timestep_spacing="leading", set_alpha_to_one=True, clip_sample=True)
 
     def __init__(self, config: SchedulerConfig, num_inference_steps: int, strength: float = 1.0):
-        self.config = config
-        T, n = config.num_train_timesteps, num_inference_steps
-        begin = first_kept_step(n, strength, T) * self.order
-        self.alpha_bar = alphas_cumprod(config)
-        # ᾱ after the last step: 1 (clean) or, as SD's config asks, ᾱ at t = 0.
-        self.final_alpha_bar = torch.tensor(1.0) if config.set_alpha_to_one else self.alpha_bar[0]
-        self.step_size = T // n  # DDIM steps back by T // n whatever the spacing, as diffusers does
-        timesteps = integer_timesteps(config, n)
-        self.timesteps = torch.from_numpy(timesteps)[begin:]
-        self.init_noise_sigma = 1.0
-
-    def scale_model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return x
+        super().__init__(config, num_inference_steps, strength)
+        # DDIM steps back by T // n whatever the spacing, as diffusers does
+        self.step_size = config.num_train_timesteps // num_inference_steps
 
     def step(
         self, model_output: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         t = int(self.timesteps[i])
-        t_prev = t - self.step_size
-        alpha_bar = self.alpha_bar[t]
-        alpha_bar_prev = self.alpha_bar[t_prev] if t_prev >= 0 else self.final_alpha_bar
+        alpha_bar, alpha_bar_prev = self.alpha_bar[t], self.alpha_bar_prev(t - self.step_size)
         x0, eps = predict_x0_eps(
             model_output, x, alpha_bar**0.5, (1 - alpha_bar) ** 0.5, self.config.prediction_type
         )  # eq. 12 "predicted x_0"
@@ -56,6 +36,3 @@ class DDIM:
         if self.config.eta > 0:
             x_prev = x_prev + std * randn_like(model_output, generator)
         return x_prev
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
-        return add_noise_at(x0, noise, self.alpha_bar, self.timesteps, i)

@@ -7,34 +7,14 @@ timesteps: ᾱ_prev is taken at the next inference timestep.
 
 import torch
 
-from .schedule import (
-    SchedulerConfig,
-    add_noise_at,
-    alphas_cumprod,
-    first_kept_step,
-    integer_timesteps,
-    predict_x0_eps,
-    randn_like,
-)
+from .base import AlphaBarScheduler
+from .schedule import predict_x0_eps, randn_like
 
 
-class DDPM:
+class DDPM(AlphaBarScheduler):
     """DDPM (Ho et al. 2020): x_{t−1} = μ̃_t(x_t, x̂_0) + √β̃_t·z, eq. 7, z drawn from the generator while t > 0."""
 
-    order = 1
     defaults = dict(timestep_spacing="leading", clip_sample=True)
-
-    def __init__(self, config: SchedulerConfig, num_inference_steps: int, strength: float = 1.0):
-        self.config = config
-        T, n = config.num_train_timesteps, num_inference_steps
-        begin = first_kept_step(n, strength, T) * self.order
-        self.alpha_bar = alphas_cumprod(config)
-        timesteps = integer_timesteps(config, n)
-        self.timesteps = torch.from_numpy(timesteps)[begin:]
-        self.init_noise_sigma = 1.0
-
-    def scale_model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return x
 
     def step(
         self, model_output: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
@@ -55,6 +35,3 @@ class DDPM:
             variance = torch.clamp((1 - alpha_bar_prev) / (1 - alpha_bar) * beta, min=1e-20)  # β̃_t
             x_prev = x_prev + variance**0.5 * randn_like(model_output, generator)
         return x_prev
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
-        return add_noise_at(x0, noise, self.alpha_bar, self.timesteps, i)

@@ -8,12 +8,13 @@ Equal step for step to diffusers 0.42.1 DPMSolverMultistepScheduler (algorithm_t
 as σ = 0 ends the schedule, the last step are first order.
 """
 
+import numpy as np
 import torch
 
+from .base import MultistepScheduler
 from .schedule import (
     SchedulerConfig,
     alphas_cumprod,
-    first_kept_step,
     multistep_sigma_schedule,
     predict_x0_eps,
     randn_like,
@@ -26,24 +27,18 @@ def log_snr(alpha_t: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
     return torch.log(alpha_t) - torch.log(sigma_t)
 
 
-class DPMSolverMultistep:
+class DPMSolverMultistep(MultistepScheduler):
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), optionally with the SDE noise term (`sde-dpmsolver++`)."""
 
-    order = 1
     defaults = dict(timestep_spacing="linspace", solver_type="midpoint")
 
     def __init__(self, config: SchedulerConfig, num_inference_steps: int, strength: float = 1.0):
-        self.config = config
-        begin = first_kept_step(num_inference_steps, strength, config.num_train_timesteps) * self.order
-        round_karras = config.beta_schedule != "squaredcos_cap_v2"  # diffusers truncates these instead of rounding
-        timesteps, sigmas = multistep_sigma_schedule(config, alphas_cumprod(config), num_inference_steps, round_karras)
-        self.timesteps = torch.from_numpy(timesteps)[begin:]
-        self.sigmas = torch.from_numpy(sigmas)[begin:]
-        self.init_noise_sigma = 1.0
+        super().__init__(config, num_inference_steps, strength)
         self.denoised_prev = None  # the x_0 prediction of the previous step
 
-    def scale_model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return x
+    def schedule(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        round_karras = self.config.beta_schedule != "squaredcos_cap_v2"  # diffusers truncates these instead
+        return multistep_sigma_schedule(self.config, alphas_cumprod(self.config), n, round_karras)
 
     def step(
         self, model_output: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
@@ -75,7 +70,3 @@ class DPMSolverMultistep:
             c = alpha_t * (torch.exp(-h) - 1.0)
             x = (sigma_t / sigma_s) * x - c * denoised - 0.5 * c * D1
         return x.to(model_output.dtype)
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
-        alpha_t, sigma_t = vp_alpha_sigma(self.sigmas.to(x0)[i])
-        return alpha_t * x0 + sigma_t * noise

@@ -7,35 +7,19 @@ Equal step for step to diffusers 0.42.1 EulerAncestralDiscreteScheduler, drawing
 
 import torch
 
-from .schedule import (
-    SchedulerConfig,
-    alphas_cumprod,
-    denoised_from,
-    first_kept_step,
-    randn_like,
-    sigma_schedule,
-    ve_init_noise_sigma,
-)
+from .base import SigmaScheduler
+from .schedule import SchedulerConfig, denoised_from, randn_like
 
 
-class EulerAncestral:
+class EulerAncestral(SigmaScheduler):
     """Euler ancestral (k-diffusion `sample_euler_ancestral`): x_next = x + (x − D)/σ·(σ_down − σ) + σ_up·z."""
 
-    order = 1
     defaults = dict(timestep_spacing="linspace")
 
     def __init__(self, config: SchedulerConfig, num_inference_steps: int, strength: float = 1.0):
         if config.prediction_type == "sample":
             raise ValueError("euler_a supports prediction_type epsilon and v_prediction only, as diffusers")
-        self.config = config
-        begin = first_kept_step(num_inference_steps, strength, config.num_train_timesteps) * self.order
-        timesteps, sigmas = sigma_schedule(config, alphas_cumprod(config), num_inference_steps)
-        self.timesteps = torch.from_numpy(timesteps)[begin:]
-        self.sigmas = torch.from_numpy(sigmas)[begin:]
-        self.init_noise_sigma = ve_init_noise_sigma(torch.from_numpy(sigmas), config.timestep_spacing)
-
-    def scale_model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return x / (self.sigmas[i] ** 2 + 1) ** 0.5
+        super().__init__(config, num_inference_steps, strength)
 
     def step(
         self, model_output: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
@@ -49,6 +33,3 @@ class EulerAncestral:
         x = x + d * (sigma_down - sigma)
         x = x + randn_like(model_output, generator) * sigma_up  # drawn on every step, the last one included
         return x.to(model_output.dtype)
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
-        return x0 + noise * self.sigmas.to(x0)[i]

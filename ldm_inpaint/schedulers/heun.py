@@ -6,37 +6,28 @@ Equal step for step to diffusers 0.42.1 HeunDiscreteScheduler: two model calls p
 every timestep after the first ((2n − 1) calls), and strength cuts it at 2·t_start.
 """
 
+import numpy as np
 import torch
 
-from .schedule import (
-    SchedulerConfig,
-    alphas_cumprod,
-    denoised_from,
-    first_kept_step,
-    sigma_schedule,
-    ve_init_noise_sigma,
-)
+from .base import SigmaScheduler
+from .schedule import SchedulerConfig, denoised_from
 
 
-class Heun:
+class Heun(SigmaScheduler):
     """Heun (Karras et al. 2022, Alg. 1): x_next = x + (d(x, σ) + d(x̃, σ_next))/2·(σ_next − σ)."""
 
-    order = 2
+    model_calls_per_step = 2
     defaults = dict(timestep_spacing="linspace", beta_start=0.00085, beta_end=0.012, clip_sample=False)
 
     def __init__(self, config: SchedulerConfig, num_inference_steps: int, strength: float = 1.0):
-        self.config = config
-        begin = first_kept_step(num_inference_steps, strength, config.num_train_timesteps) * self.order
-        timesteps, sigmas = sigma_schedule(config, alphas_cumprod(config), num_inference_steps)
-        timesteps, sigmas = torch.from_numpy(timesteps), torch.from_numpy(sigmas)
-        # model call 2j (j ≥ 1) is at σ_j for the Euler step, call 2j − 1 at σ_j for the correction before it
-        self.timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)])[begin:]
-        self.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])[begin:]
-        self.init_noise_sigma = ve_init_noise_sigma(sigmas, config.timestep_spacing)
+        super().__init__(config, num_inference_steps, strength)
         self.x = self.d = None  # start and slope of the current Euler step
 
-    def scale_model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return x / (self.sigmas[i] ** 2 + 1) ** 0.5
+    def schedule(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        timesteps, sigmas = super().schedule(n)
+        # model call 2j (j ≥ 1) is at σ_j for the Euler step, call 2j − 1 at σ_j for the correction before it
+        return (np.concatenate([timesteps[:1], timesteps[1:].repeat(2)]),
+                np.concatenate([sigmas[:1], sigmas[1:-1].repeat(2), sigmas[-1:]]))
 
     def step(
         self, model_output: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
@@ -56,6 +47,3 @@ class Heun:
         if self.config.clip_sample:
             denoised = denoised.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         return denoised
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
-        return x0 + noise * self.sigmas.to(x0)[i]

@@ -9,14 +9,8 @@ diffusers integrates it numerically (scipy quad) in float32, which differs by ~1
 import numpy as np
 import torch
 
-from .schedule import (
-    SchedulerConfig,
-    alphas_cumprod,
-    denoised_from,
-    first_kept_step,
-    sigma_schedule,
-    ve_init_noise_sigma,
-)
+from .base import SigmaScheduler
+from .schedule import SchedulerConfig, denoised_from
 
 LMS_ORDER = 4
 
@@ -31,24 +25,16 @@ def lms_coefficient(sigmas: np.ndarray, k: int, order: int, j: int) -> float:
     return float(np.polyval(antiderivative, sigmas[k + 1]) - np.polyval(antiderivative, sigmas[k]))
 
 
-class LMS:
+class LMS(SigmaScheduler):
     """LMS (k-diffusion `sample_lms`): 4th-order linear multistep on d = (x − D)/σ."""
 
-    order = 1
     defaults = dict(timestep_spacing="linspace")
 
     def __init__(self, config: SchedulerConfig, num_inference_steps: int, strength: float = 1.0):
-        self.config = config
-        self.begin = first_kept_step(num_inference_steps, strength, config.num_train_timesteps) * self.order
-        timesteps, sigmas = sigma_schedule(config, alphas_cumprod(config), num_inference_steps)
-        self.timesteps = torch.from_numpy(timesteps)[self.begin :]
-        self.all_sigmas = sigmas  # the history reaches back before `begin`, as in diffusers
-        self.sigmas = torch.from_numpy(sigmas)[self.begin :]
-        self.init_noise_sigma = ve_init_noise_sigma(torch.from_numpy(sigmas), config.timestep_spacing)
+        super().__init__(config, num_inference_steps, strength)
+        # the coefficients reach back before the first kept call, as diffusers': the σ's of the whole schedule
+        self.all_sigmas = self.schedule(num_inference_steps)[1]
         self.derivatives = []  # d of the last LMS_ORDER steps, oldest first
-
-    def scale_model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return x / (self.sigmas[i] ** 2 + 1) ** 0.5
 
     def step(
         self, model_output: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
@@ -62,6 +48,3 @@ class LMS:
         order = min(k + 1, LMS_ORDER)
         coefficients = [lms_coefficient(self.all_sigmas, k, order, j) for j in range(order)]
         return x + sum(c * d for c, d in zip(coefficients, reversed(self.derivatives), strict=False))
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
-        return x0 + noise * self.sigmas.to(x0)[i]

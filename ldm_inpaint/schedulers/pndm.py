@@ -8,20 +8,13 @@ steps of the paper are replaced by a 2nd-order warm-up: the first step is redone
 import numpy as np
 import torch
 
-from .schedule import (
-    SchedulerConfig,
-    add_noise_at,
-    alphas_cumprod,
-    first_kept_step,
-    integer_timesteps,
-    predict_x0_eps,
-)
+from .base import AlphaBarScheduler
+from .schedule import SchedulerConfig, predict_x0_eps
 
 
-class PNDM:
+class PNDM(AlphaBarScheduler):
     """PLMS (Liu et al. 2022): 4th-order Adams–Bashforth on ε, stepped with the PNDM transfer φ of eq. 9."""
 
-    order = 1
     defaults = dict(timestep_spacing="leading", set_alpha_to_one=False, skip_prk_steps=False)
 
     def __init__(self, config: SchedulerConfig, num_inference_steps: int, strength: float = 1.0):
@@ -29,22 +22,15 @@ class PNDM:
             raise ValueError("PNDM's Runge-Kutta steps are not implemented: set skip_prk_steps=True (PLMS only)")
         if config.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"PNDM supports prediction_type epsilon and v_prediction, not {config.prediction_type!r}")
-        self.config = config
-        T, n = config.num_train_timesteps, num_inference_steps
-        begin = first_kept_step(n, strength, T) * self.order
-        self.alpha_bar = alphas_cumprod(config)
-        self.final_alpha_bar = torch.tensor(1.0) if config.set_alpha_to_one else self.alpha_bar[0]
-        self.step_size = T // n
-        timesteps = integer_timesteps(config, n)
-        # The second timestep is run twice (n + 1 model calls): the warm-up step below needs two outputs.
-        timesteps = np.concatenate([timesteps[:1], timesteps[1:2], timesteps[1:]])
-        self.timesteps = torch.from_numpy(timesteps)[begin:]
-        self.init_noise_sigma = 1.0
+        super().__init__(config, num_inference_steps, strength)
+        self.step_size = config.num_train_timesteps // num_inference_steps  # as DDIM's
         self.outputs = []  # the last model outputs, oldest first
         self.x_first = None
 
-    def scale_model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return x
+    def schedule(self, n: int) -> np.ndarray:
+        timesteps = super().schedule(n)
+        # The second timestep is run twice (n + 1 model calls): the warm-up step below needs two outputs.
+        return np.concatenate([timesteps[:1], timesteps[1:2], timesteps[1:]])
 
     def step(
         self, model_output: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
@@ -70,11 +56,7 @@ class PNDM:
 
     def transfer(self, x: torch.Tensor, t: int, t_prev: int, model_output: torch.Tensor) -> torch.Tensor:
         """φ(x_t, ε, t, t_prev) of eq. 9: the DDIM step written as one fraction."""
-        alpha_bar = self.alpha_bar[t]
-        alpha_bar_prev = self.alpha_bar[t_prev] if t_prev >= 0 else self.final_alpha_bar
+        alpha_bar, alpha_bar_prev = self.alpha_bar[t], self.alpha_bar_prev(t_prev)
         _, eps = predict_x0_eps(model_output, x, alpha_bar**0.5, (1 - alpha_bar) ** 0.5, self.config.prediction_type)
         denominator = alpha_bar * (1 - alpha_bar_prev) ** 0.5 + (alpha_bar * (1 - alpha_bar) * alpha_bar_prev) ** 0.5
         return (alpha_bar_prev / alpha_bar) ** 0.5 * x - (alpha_bar_prev - alpha_bar) * eps / denominator
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
-        return add_noise_at(x0, noise, self.alpha_bar, self.timesteps, i)

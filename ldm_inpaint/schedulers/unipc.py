@@ -11,20 +11,13 @@ to 1 on the last step. (With final σ = 0, diffusers' bh1 and lower_order_final=
 import torch
 
 from .dpm_solver import log_snr
-from .schedule import (
-    SchedulerConfig,
-    alphas_cumprod,
-    first_kept_step,
-    multistep_sigma_schedule,
-    predict_x0_eps,
-    vp_alpha_sigma,
-)
+from .base import MultistepScheduler
+from .schedule import SchedulerConfig, predict_x0_eps, vp_alpha_sigma
 
 
-class UniPC:
+class UniPC(MultistepScheduler):
     """UniPC-2 with B(h) = e^h − 1 (Zhao et al. 2023, Algs. 1–2)."""
 
-    order = 1
     defaults = dict(timestep_spacing="linspace", solver_type="bh2")
 
     def __init__(self, config: SchedulerConfig, num_inference_steps: int, strength: float = 1.0):
@@ -32,19 +25,9 @@ class UniPC:
             raise ValueError("unipc: only predict_x0=True (the data-prediction form) is supported")
         if config.solver_type == "bh1" or not config.lower_order_final:  # diffusers maps other solver_types to bh2
             raise ValueError("unipc: solver_type bh1 and lower_order_final=False are not supported (NaN at σ = 0)")
-        self.config = config
-        begin = first_kept_step(num_inference_steps, strength, config.num_train_timesteps) * self.order
-        timesteps, sigmas = multistep_sigma_schedule(
-            config, alphas_cumprod(config), num_inference_steps, round_karras=True
-        )
-        self.timesteps = torch.from_numpy(timesteps)[begin:]
-        self.sigmas = torch.from_numpy(sigmas)[begin:]
-        self.init_noise_sigma = 1.0
+        super().__init__(config, num_inference_steps, strength)
         self.denoised = []  # the x_0 predictions of the last solver_order calls, oldest first
         self.x_last, self.order_last = None, None  # where the last predictor started, and its order
-
-    def scale_model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return x
 
     def step(
         self, model_output: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
@@ -99,7 +82,3 @@ class UniPC:
             correction = rho_prev * ((self.denoised[-2] - m0) / r1) + rho_t * correction
         x_c = sigma_t / sigma_s * x - alpha_t * B_h * m0
         return (x_c - alpha_t * B_h * correction).to(x.dtype)
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
-        alpha_t, sigma_t = vp_alpha_sigma(self.sigmas.to(x0)[i])
-        return alpha_t * x0 + sigma_t * noise
