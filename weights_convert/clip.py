@@ -69,7 +69,7 @@ def diffusers_keys(cfg: CLIPTextConfig, prefix: str = TEXT_MODEL_PREFIX) -> dict
     return table
 
 
-# --- Single-file layouts (checkpoint-formats.md §5) ---
+# --- Single-file layouts ---
 # CLIP ViT-L/14 in ldm (SD 1.x) and sgm (SDXL's first embedder) files is a transformers CLIPTextModel state dict
 # under a prefix, so its table is the transformers one with that prefix.
 LDM_PREFIX = "cond_stage_model.transformer."

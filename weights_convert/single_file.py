@@ -1,10 +1,11 @@
 """Original single-file Stable Diffusion checkpoints: the CompVis `ldm` layout (SD 1.x, SD 1.x inpainting) and the
 Stability `sgm` layout (SDXL base, SDXL inpainting), read into, and written from, the diffusers layout.
 
-Layouts: `../shared/reference/checkpoint-formats.md`; the diffusers loader doing the same is
-`diffusers/loaders/single_file_utils.py` (v0.42.1). Renaming goes through the native names: for each component
-the file's key is `<layout>_keys(cfg)[native]` and the diffusers key is `diffusers_keys(cfg)[native]`, both
-tables built from the same config, so every tensor is renamed exactly once and nothing is guessed:
+Layouts: every key and shape of the official files is in `tests/data/keys/<family>.single-file.json`; the
+diffusers loader doing the same is `diffusers/loaders/single_file_utils.py` (v0.42.1). Renaming goes through the
+native names: for each component the file's key is `<layout>_keys(cfg)[native]` and the diffusers key is
+`diffusers_keys(cfg)[native]`, both tables built from the same config, so every tensor is renamed exactly once
+and nothing is guessed:
 
     sf = read("v1-5-pruned-emaonly.safetensors")          # family, configs, tensors under diffusers keys
     cfg = UNetConfig.from_diffusers(sf.configs["unet"])
@@ -45,7 +46,7 @@ FAMILIES = ("sd15", "sd15-inpainting", "sdxl-base", "sdxl-inpainting")
 SUPPORTED = "SD 1.x, SD 1.x inpainting, SDXL base 1.0, SDXL inpainting"
 COMPONENTS = {False: ("unet", "vae", "text_encoder"), True: ("unet", "vae", "text_encoder", "text_encoder_2")}
 
-# Tensors the files hold that no model uses (checkpoint-formats.md §2, §5, §6).
+# Tensors the files hold that no model uses.
 SCHEDULE_BUFFERS = (  # ldm DDPM.register_schedule; the scheduler config recomputes the schedule
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",

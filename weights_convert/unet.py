@@ -90,7 +90,7 @@ def diffusers_keys(cfg: UNetConfig) -> dict[str, str]:
 
 # --- CompVis `ldm` / Stability `sgm` single-file layout (openaimodel.UNetModel under `model.diffusion_model.`) ---
 # The levels are flattened into numbered `input_blocks` / `output_blocks` Sequentials: a ResBlock at `.0`, its
-# transformer at `.1`, a resampler at `.0.op` (down) or after the last member (up); see checkpoint-formats.md §3.
+# transformer at `.1`, a resampler at `.0.op` (down) or after the last member (up).
 
 LDM_PREFIX = "model.diffusion_model."
 # native ResBlock leaf → openaimodel ResBlock leaf; the Sequentials' other members (SiLU, dropout) hold nothing

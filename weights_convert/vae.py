@@ -100,7 +100,7 @@ def diffusers_keys(cfg: VAEConfig) -> dict[str, str]:
     return table
 
 
-# --- CompVis `ldm` single-file layout (`first_stage_model.`; SD 1.x and SDXL alike), checkpoint-formats.md §4 ---
+# --- CompVis `ldm` single-file layout (`first_stage_model.`; SD 1.x and SDXL alike) ---
 LDM_PREFIX = "first_stage_model."
 LDM_RESNET_LEAVES = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
                      "conv_shortcut": "nin_shortcut"}
