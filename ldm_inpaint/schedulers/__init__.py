@@ -70,7 +70,8 @@ def available() -> list[str]:
     return sorted(SCHEDULERS)
 
 
-def create(spec, scheduler_config: dict, num_inference_steps: int, strength: float = 1.0, **overrides):
+def create(spec, scheduler_config: dict, num_inference_steps: int, strength: float = 1.0,
+           conventions: str = "diffusers", **overrides):
     """A fresh scheduler for one sampling run.
 
     Args:
@@ -79,6 +80,11 @@ def create(spec, scheduler_config: dict, num_inference_steps: int, strength: flo
             take the diffusers class defaults of the chosen method, as `Class.from_config` would.
         num_inference_steps: the number of inference steps n before strength is applied.
         strength: img2img/inpainting strength in (0, 1]: only the last int(n·strength) steps are run.
+        conventions: "diffusers", or "original" for the schedules of the code the checkpoints were released
+            with where they differ (docs/parity.md): DDIM runs ldm's timesteps (n = 7 runs 8 steps); Euler,
+            Euler a, Heun and LMS run sgm's truncated timesteps, whatever the spacing, and start from
+            ε·√(σ_max² + 1) (Karras σ's are refused); the other methods are unchanged. Strength skips the
+            first n − int(n·strength) steps of these timesteps, as diffusers does of its own.
         overrides: config fields to replace, e.g. timestep_spacing="trailing", eta=0.3.
     """
     if isinstance(spec, str):
@@ -88,6 +94,6 @@ def create(spec, scheduler_config: dict, num_inference_steps: int, strength: flo
     else:
         cls, implied = spec, {}
     config = SchedulerConfig.from_diffusers(
-        {**getattr(cls, "defaults", {}), **scheduler_config, **implied}, **overrides
+        {**getattr(cls, "defaults", {}), **scheduler_config, **implied}, conventions, **overrides
     )
     return cls(config, num_inference_steps, strength)

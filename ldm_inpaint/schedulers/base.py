@@ -79,7 +79,7 @@ class SigmaScheduler:
 
     def initial_noise_sigma(self, sigmas: torch.Tensor) -> float:
         """The scale of the initial noise, from the σ's of the whole schedule (strength does not change it)."""
-        return ve_init_noise_sigma(sigmas, self.config.timestep_spacing)
+        return ve_init_noise_sigma(sigmas, self.config.timestep_spacing, self.config.conventions)
 
     def scale_model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
         return x / (self.sigmas[i] ** 2 + 1) ** 0.5

@@ -1,12 +1,14 @@
 """DDIM: Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models" (arXiv:2010.02502), eqs. 12 and 16.
 
-Equal step for step to diffusers 0.42.1 DDIMScheduler (src/diffusers/schedulers/scheduling_ddim.py).
+Equal step for step to diffusers 0.42.1 DDIMScheduler (src/diffusers/schedulers/scheduling_ddim.py); with
+conventions="original", to ldm's `DDIMSampler` (its timesteps: `ldm_ddim_timesteps`).
 """
 
+import numpy as np
 import torch
 
 from .base import AlphaBarScheduler
-from .schedule import SchedulerConfig, predict_x0_eps, randn_like
+from .schedule import SchedulerConfig, ldm_ddim_timesteps, predict_x0_eps, randn_like
 
 
 class DDIM(AlphaBarScheduler):
@@ -17,8 +19,13 @@ class DDIM(AlphaBarScheduler):
 
     def __init__(self, config: SchedulerConfig, num_inference_steps: int, strength: float = 1.0):
         super().__init__(config, num_inference_steps, strength)
-        # DDIM steps back by T // n whatever the spacing, as diffusers does
+        # DDIM steps back by T // n whatever the spacing, as diffusers does (and ldm: its steps are T // n apart)
         self.step_size = config.num_train_timesteps // num_inference_steps
+
+    def schedule(self, n: int) -> np.ndarray:
+        if self.config.conventions == "original":
+            return ldm_ddim_timesteps(self.config.num_train_timesteps, n)
+        return super().schedule(n)
 
     def step(
         self, model_output: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None

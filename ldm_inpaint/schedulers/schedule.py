@@ -9,6 +9,9 @@ References:
   Lin et al. 2023 (arXiv:2305.08891) Table 2: the "linspace", "leading" and "trailing" timestep spacings.
   Karras et al. 2022 (arXiv:2206.00364) eq. 5: σ_i = (σ_max^(1/ρ) + i/(N−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, ρ = 7.
   Salimans & Ho 2022 (arXiv:2202.00512) §4: v = √ᾱ·ε − √(1 − ᾱ)·x_0.
+
+conventions="original" swaps in the schedules of the code the checkpoints were released with where they differ
+from diffusers' (ldm's DDIM timesteps, sgm's σ timesteps and initial noise; docs/parity.md).
 """
 
 import dataclasses
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..family import CONVENTIONS
 from ..noise import Generator, randn
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -51,13 +55,16 @@ class SchedulerConfig:
     solver_type: str = "midpoint"  # DPM-Solver "midpoint"; UniPC "bh1" / "bh2"
     lower_order_final: bool = True  # DPM-Solver, UniPC: lower orders on the last steps of short schedules
     predict_x0: bool = True  # UniPC: the data-prediction (x_0) form
+    # Not a diffusers field (a scheduler_config.json cannot set it): "original" reproduces the release code's
+    # schedules where they differ from diffusers' (ldm_ddim_timesteps, sgm_timesteps, ve_init_noise_sigma)
+    conventions: str = "diffusers"
 
     @classmethod
-    def from_diffusers(cls, d: dict, **overrides) -> "SchedulerConfig":
+    def from_diffusers(cls, d: dict, conventions: str = "diffusers", **overrides) -> "SchedulerConfig":
         """Reads a diffusers scheduler_config.json dict; `overrides` replace its fields. Raises ValueError for
         keys we do not know and for settings we do not implement, rather than silently ignoring them."""
         d = {**d, **overrides}
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"conventions"}
         for key, value in d.items():
             if key in IGNORED_KEYS or key in fields:
                 continue
@@ -70,7 +77,7 @@ class SchedulerConfig:
         kwargs = {k: v for k, v in d.items() if k in fields}
         if kwargs.get("trained_betas") is not None:
             kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
-        return cls(**kwargs)
+        return cls(**kwargs, conventions=conventions)
 
     def __post_init__(self) -> None:
         choices = {
@@ -80,6 +87,7 @@ class SchedulerConfig:
             "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
             "solver_order": (1, 2),
             "solver_type": ("midpoint", "logrho", "bh1", "bh2"),  # each solver maps the others' names to its own
+            "conventions": CONVENTIONS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -182,6 +190,20 @@ def integer_timesteps(config: SchedulerConfig, n: int) -> np.ndarray:
     return np.round(spaced).astype(np.int64)
 
 
+def ldm_ddim_timesteps(num_train_timesteps: int, n: int) -> np.ndarray:
+    """The DDIM timesteps of the code SD 1.x was released with, descending, int64 (CompVis/runwayml ldm,
+    ldm/modules/diffusionmodules/util.py `make_ddim_timesteps`, "uniform", as `DDIMSampler.make_schedule` calls
+    it): every c-th training step from 0, c = T // n, each + 1. That is ⌈T/c⌉ steps, one or more beyond n when c
+    does not divide T (n = 7: c = 142, 8 steps 995, 853, …, 1), where diffusers' "leading" spacing with
+    steps_offset 1 stops at n (853, …, 1)."""
+    T = num_train_timesteps
+    timesteps = np.arange(0, T, T // n)[::-1] + 1
+    if timesteps[0] >= T:  # c divides T − 1 (n = 3, 9, 27, 36, …): ldm indexes ᾱ at t = T and fails
+        raise ValueError(f"the original DDIM cannot run num_inference_steps={n} (its first timestep would be {T}, "
+                         f"past the schedule); use another step count or conventions='diffusers'")
+    return timesteps.astype(np.int64)
+
+
 def add_noise_at(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, timesteps: torch.Tensor,
                  i: int) -> torch.Tensor:
     """x0 noised to the level of model call i of an ᾱ-indexed schedule; after the last call, x0 itself."""
@@ -224,15 +246,35 @@ def sigma_to_t(sigmas: np.ndarray, training_sigmas: np.ndarray) -> np.ndarray:
     return (1 - w) * low + w * (low + 1)
 
 
+def sgm_timesteps(num_train_timesteps: int, n: int) -> np.ndarray:
+    """The timesteps of the code SDXL was released with, descending, float64 (Stability's sgm,
+    sgm/modules/diffusionmodules/discretizer.py `LegacyDDPMDiscretization.get_sigmas` through
+    `generate_roughly_equally_spaced_steps`): n points from T − 1 down in steps of (T − 1)/n, truncated to
+    integers (n = 3: 999, 666, 333), whatever the config's spacing. diffusers' nearest spacing, "trailing", rounds
+    round(T − k·T/n) − 1 instead (999, 666, 332); its SDXL configs' "leading" is another grid (751, …, 1 for 4).
+    The UNet sees these integers: sgm's `DiscreteDenoiser` maps each σ back to its training index."""
+    T = num_train_timesteps
+    # numpy's float linspace, truncated: exact arithmetic would differ where a point falls on an integer (n = 99)
+    return np.linspace(T - 1, 0, n, endpoint=False).astype(np.int64).astype(np.float64)
+
+
 def sigma_schedule(config: SchedulerConfig, alpha_bar: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps, σ's) of diffusers' Euler / LMS / Heun schedulers, both float32: σ interpolated at the spaced
-    timesteps, or Karras σ's between the same end points (their timesteps then fractional), and a final σ = 0."""
+    timesteps, or Karras σ's between the same end points (their timesteps then fractional), and a final σ = 0.
+    conventions="original": σ at sgm's timesteps (`sgm_timesteps`), with its final σ = 0."""
     train = training_sigmas(alpha_bar)
-    timesteps = spaced_timesteps(config.timestep_spacing, config.num_train_timesteps, n, config.steps_offset)
-    sigmas = sigmas_at(timesteps.astype(np.float32), train)
-    if config.use_karras_sigmas:
-        sigmas = karras_sigmas(sigmas[0].item(), sigmas[-1].item(), n)
-        timesteps = sigma_to_t(sigmas, train)
+    if config.conventions == "original":
+        if config.use_karras_sigmas:
+            raise ValueError("conventions='original' has no Karras σ's (sgm's EDMDiscretization is not reproduced); "
+                             "use use_karras_sigmas=False or conventions='diffusers'")
+        timesteps = sgm_timesteps(config.num_train_timesteps, n)
+        sigmas = sigmas_at(timesteps, train)  # the training σ's themselves: the timesteps are integers
+    else:
+        timesteps = spaced_timesteps(config.timestep_spacing, config.num_train_timesteps, n, config.steps_offset)
+        sigmas = sigmas_at(timesteps.astype(np.float32), train)
+        if config.use_karras_sigmas:
+            sigmas = karras_sigmas(sigmas[0].item(), sigmas[-1].item(), n)
+            timesteps = sigma_to_t(sigmas, train)
     return timesteps.astype(np.float32), np.append(sigmas, 0.0).astype(np.float32)
 
 
@@ -257,11 +299,15 @@ def multistep_sigma_schedule(
     return timesteps.astype(np.int64), np.append(sigmas, 0.0).astype(np.float32)
 
 
-def ve_init_noise_sigma(sigmas: torch.Tensor, spacing: str) -> float:
+def ve_init_noise_sigma(sigmas: torch.Tensor, spacing: str, conventions: str = "diffusers") -> float:
     """The scale of the initial noise for x = x_0 + σ·ε samplers. diffusers' rule: σ_max, except √(σ_max² + 1)
-    for "leading" spacing."""
+    for "leading" spacing. sgm's (conventions="original"; sgm/modules/diffusionmodules/sampling.py
+    `BaseDiffusionSampler.prepare_sampling_loop`): √(σ_max² + 1) whatever the spacing, the standard deviation of
+    x_0 + σ_max·ε for unit-variance x_0 (+0.23 % over σ_max = 14.61 of SD's β's)."""
     sigma_max = sigmas.max()
-    return float(sigma_max if spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5)
+    if conventions == "diffusers" and spacing in ("linspace", "trailing"):
+        return float(sigma_max)
+    return float((sigma_max**2 + 1) ** 0.5)
 
 
 # --- model output conversions ------------------------------------------------------------------------------------
