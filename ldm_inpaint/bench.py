@@ -53,6 +53,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .family import SD15, SDXL, Family
+
 CONFIGS = Path(__file__).resolve().parent / "configs"
 SIDES = ("ours", "diffusers")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,13 +65,24 @@ MATMUL_N = 4096
 
 
 @dataclass(frozen=True)
-class Family:
-    title: str
-    configs: str  # the official configs, in ldm_inpaint/configs/
-    pipeline: str  # diffusers' pipeline class, which is also what its users import
+class Setup:
+    """A benchmarked model: a family's inpainting checkpoint, in random weights of one storage dtype."""
+    family: Family
     storage: str  # dtype of the random weight files
     full: dict  # settings of the full run
     quick: dict  # settings of --quick
+
+    @property
+    def title(self) -> str:
+        return f"{self.family.title} inpainting"
+
+    @property
+    def configs(self) -> str:  # the official configs, in ldm_inpaint/configs/
+        return self.family.variants["inpainting"].config
+
+    @property
+    def pipeline(self) -> str:  # diffusers' pipeline class, which is also what its users import
+        return self.family.variants["inpainting"].pipeline
 
     @property
     def weights_folder(self) -> str:  # inside --cache
@@ -77,16 +90,16 @@ class Family:
 
     @property
     def sdxl(self) -> bool:
-        return self.configs.startswith("sdxl")
+        return self.family.text_encoders == 2
 
 
 FAMILIES = {
-    "sd15": Family("SD 1.5 inpainting", "sd15-inpainting", "StableDiffusionInpaintPipeline", "fp32",
-                   full=dict(runs=2, dtype="fp32,bf16", size=512, steps=10, unet_repeats=2, e2e_runs=1),
-                   quick=dict(runs=1, dtype="fp32", size=256, steps=2, unet_repeats=1, e2e_runs=1)),
-    "sdxl": Family("SDXL inpainting", "sdxl-inpainting", "StableDiffusionXLInpaintPipeline", "bf16",
-                   full=dict(runs=1, dtype="bf16", size=768, steps=4, unet_repeats=1, e2e_runs=1),
-                   quick=dict(runs=1, dtype="bf16", size=512, steps=2, unet_repeats=1, e2e_runs=1)),
+    "sd15": Setup(SD15, "fp32",
+                  full=dict(runs=2, dtype="fp32,bf16", size=512, steps=10, unet_repeats=2, e2e_runs=1),
+                  quick=dict(runs=1, dtype="fp32", size=256, steps=2, unet_repeats=1, e2e_runs=1)),
+    "sdxl": Setup(SDXL, "bf16",
+                  full=dict(runs=1, dtype="bf16", size=768, steps=4, unet_repeats=1, e2e_runs=1),
+                  quick=dict(runs=1, dtype="bf16", size=512, steps=2, unet_repeats=1, e2e_runs=1)),
 }
 METRICS = {  # key in a child's result → table label
     "import_s": "import [s]",
@@ -103,7 +116,7 @@ METRICS = {  # key in a child's result → table label
 
 
 # -- 1. weights -----------------------------------------------------------------------------------------------
-def build_weights(family: Family, cache: Path) -> Path:
+def build_weights(family: Setup, cache: Path) -> Path:
     """The family's full-size random-weight folder in `cache`, built and saved by diffusers once."""
     folder = cache / family.weights_folder
     if folder.is_dir():
@@ -213,7 +226,7 @@ def synthetic_image_and_mask(size: int):
 class Ours:
     """The measured operations on ldm_inpaint; `Diffusers` has the same methods."""
 
-    def __init__(self, folder: str, dtype: torch.dtype, family: Family):
+    def __init__(self, folder: str, dtype: torch.dtype, family: Setup):
         import ldm_inpaint
 
         self.pipe = ldm_inpaint.load_pipeline(folder, dtype=dtype)
@@ -234,7 +247,7 @@ class Ours:
 class Diffusers:
     """The measured operations on diffusers' pipeline, loaded as its documentation shows."""
 
-    def __init__(self, folder: str, dtype: torch.dtype, family: Family):
+    def __init__(self, folder: str, dtype: torch.dtype, family: Setup):
         import diffusers
 
         cls = getattr(diffusers, family.pipeline)
@@ -321,12 +334,12 @@ def profile_unet(side, x, t, context, added, rows: int = 20) -> str:
 CHILD_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def import_of(side: str, family: Family) -> tuple[str, str]:
+def import_of(side: str, family: Setup) -> tuple[str, str]:
     """(module, name) that a user of `side` imports."""
     return ("ldm_inpaint", "load_pipeline") if side == "ours" else ("diffusers", family.pipeline)
 
 
-def import_probe(side: str, family: Family) -> float:
+def import_probe(side: str, family: Setup) -> float:
     """Seconds to import what a user of `side` imports, in a fresh process that has imported torch already.
     (The measuring children cannot time it: running this module has imported ldm_inpaint.)"""
     module, name = import_of(side, family)
