@@ -10,9 +10,9 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from ldm_inpaint.loading import build_text_encoder
 from ldm_inpaint.models.clip import VIT_BIGG_14, VIT_L_14, CLIPTextConfig, CLIPTextModel
-from weights_convert.clip import DIFFUSERS_IGNORE, TEXT_MODEL_PREFIX, diffusers_keys, diffusers_prefix
-from weights_convert.common import load_into
+from weights_convert.clip import TEXT_MODEL_PREFIX, diffusers_keys, diffusers_prefix
 from parity import record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,15 +32,15 @@ def tiny_reference(tmp_path: Path, with_projection: bool, eos_token_id: int):
     return cls.from_pretrained(tmp_path).eval()
 
 
+def loaded_as(config: dict) -> str:
+    """The pipeline component a text-encoder config is loaded as: SDXL's second encoder has the projection."""
+    return "text_encoder_2" if "CLIPTextModelWithProjection" in config["architectures"] else "text_encoder"
+
+
 def load_native(folder: Path, tensors=None) -> CLIPTextModel:
     d = json.loads((folder / "config.json").read_text())
-    cfg = CLIPTextConfig.from_diffusers(d, with_projection="CLIPTextModelWithProjection" in d["architectures"])
     tensors = load_file(folder / "model.safetensors") if tensors is None else tensors
-    with torch.device("meta"):
-        model = CLIPTextModel(cfg)
-    load_into(model, tensors, diffusers_keys(cfg, diffusers_prefix(tensors)), what="text encoder",
-              ignore=DIFFUSERS_IGNORE)
-    return model.eval()
+    return build_text_encoder(d, tensors, torch.float32, "cpu", loaded_as(d))
 
 
 def input_ids() -> torch.Tensor:
@@ -133,8 +133,9 @@ def test_official_text_encoder_keys_map_exactly(family, component):
     cfg = CLIPTextConfig.from_diffusers(d, with_projection="CLIPTextModelWithProjection" in d["architectures"])
     assert cfg == (VIT_BIGG_14 if component == "text_encoder_2" else VIT_L_14)
     official = json.loads((ROOT / "tests" / "data" / "keys" / f"{family}.diffusers.json").read_text())[component]
-    with torch.device("meta"):
-        model = CLIPTextModel(cfg)
+    # the loader itself, on the meta device: strict, so every official key is read and every parameter filled
+    tensors = {k: torch.empty(s, device="meta") for k, s in official.items()}
+    model = build_text_encoder(d, tensors, None, "meta", component)
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     table = diffusers_keys(cfg, diffusers_prefix(official))
     assert set(table) == set(shapes)

@@ -6,31 +6,10 @@ from __future__ import annotations
 import pytest
 from conftest import diffusers_pipeline, make_image, make_mask
 from test_pipeline import H, W, run_both
+from test_schedulers import diffusers_equivalent
 
 import ldm_inpaint
 from ldm_inpaint import schedulers
-
-KARRAS = {"use_karras_sigmas": True}
-DIFFUSERS_EQUIVALENT = {
-    "ddpm": ("DDPMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "lms_karras": ("LMSDiscreteScheduler", KARRAS),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_karras": ("EulerDiscreteScheduler", KARRAS),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", **KARRAS}),
-    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", **KARRAS}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-
-
-def test_every_scheduler_name_has_a_diffusers_equivalent_here():
-    assert sorted(DIFFUSERS_EQUIVALENT) == schedulers.available()
 
 
 def with_scheduler(ref, name):
@@ -38,7 +17,7 @@ def with_scheduler(ref, name):
 
     if name == "lms" or name == "lms_karras":
         pytest.importorskip("scipy")
-    cls_name, kwargs = DIFFUSERS_EQUIVALENT[name]
+    cls_name, kwargs = diffusers_equivalent(name)
     ref.scheduler = getattr(diffusers, cls_name).from_config(ref.checkpoint_scheduler_config, **kwargs)
     return ref
 
@@ -60,14 +39,14 @@ def txt2img(sd_dir):
     return ldm_inpaint.load_pipeline(sd_dir), reference("StableDiffusionPipeline", sd_dir)
 
 
-@pytest.mark.parametrize("name", sorted(DIFFUSERS_EQUIVALENT))
+@pytest.mark.parametrize("name", schedulers.available())
 def test_inpaint_with_each_scheduler_matches_diffusers(inpaint, name):
     ours, ref = inpaint
     run_both(ours, with_scheduler(ref, name), prompt="a red brick wall", image=make_image(), mask_image=make_mask(),
              height=H, width=W, scheduler=name, num_inference_steps=4, strength=0.75)
 
 
-@pytest.mark.parametrize("name", sorted(DIFFUSERS_EQUIVALENT))
+@pytest.mark.parametrize("name", schedulers.available())
 def test_text_to_image_with_each_scheduler_matches_diffusers(txt2img, name):
     ours, ref = txt2img
     run_both(ours, with_scheduler(ref, name), prompt="a red brick wall", height=H, width=W, scheduler=name,

@@ -29,32 +29,19 @@ RTOL, ATOL = 1e-6, 1e-10
 RTOL_BY_NAME = {"lms": 5e-6, "lms_karras": 5e-6}
 SHAPE = (1, 4, 8, 8)
 
-# our name → (diffusers class, from_config kwargs the name implies)
-DIFFUSERS = {
-    "ddpm": (diffusers.DDPMScheduler, {}),
-    "ddim": (diffusers.DDIMScheduler, {}),
-    "pndm": (diffusers.PNDMScheduler, {}),
-    "lms": (diffusers.LMSDiscreteScheduler, {}),
-    "lms_karras": (diffusers.LMSDiscreteScheduler, {"use_karras_sigmas": True}),
-    "euler": (diffusers.EulerDiscreteScheduler, {}),
-    "euler_karras": (diffusers.EulerDiscreteScheduler, {"use_karras_sigmas": True}),
-    "euler_a": (diffusers.EulerAncestralDiscreteScheduler, {}),
-    "heun": (diffusers.HeunDiscreteScheduler, {}),
-    "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
-    "dpmpp_2m_karras": (
-        diffusers.DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
-    ),
-    "dpmpp_2m_sde": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
-    "dpmpp_2m_sde_karras": (
-        diffusers.DPMSolverMultistepScheduler,
-        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
-    ),
-    "unipc": (diffusers.UniPCMultistepScheduler, {}),
-}
+
+def diffusers_equivalent(name: str) -> tuple[str, dict]:
+    """(diffusers class name, from_config kwargs) of one of our names, read from the package's one table: the
+    class whose checkpoints our method of that name serves, and the config fields the name implies. The parity
+    tests then check that class against ours; test_each_name_means_what_it_says checks the table itself."""
+    cls, implied = schedulers.SCHEDULERS[name]
+    (theirs,) = [theirs for theirs, ours in schedulers.DIFFUSERS_CLASSES.items() if ours is cls]
+    return theirs, implied
+
+
 # diffusers' LMSDiscreteScheduler integrates its coefficients with scipy, which the project does not depend on.
 NEEDS_SCIPY = pytest.mark.skipif(not diffusers.utils.is_scipy_available(), reason="diffusers' LMS needs scipy")
-NAMES = [pytest.param(name, marks=NEEDS_SCIPY) if name.startswith("lms") else name for name in DIFFUSERS]
+NAMES = [pytest.param(n, marks=NEEDS_SCIPY) if n.startswith("lms") else n for n in schedulers.available()]
 
 
 WORST = {}  # name → largest |ours − theirs|_max / |theirs|_max seen; read it after an in-process pytest.main()
@@ -69,9 +56,9 @@ def assert_close(ours, theirs, what, name):
 
 def check_parity(name, config, n, strength, dtype=torch.float32, **overrides):
     """Runs ours and diffusers side by side; asserts every step agrees."""
-    cls, implied = DIFFUSERS[name]
+    cls_name, implied = diffusers_equivalent(name)
     eta = overrides.pop("eta", None)  # a DDIM step argument in diffusers, a config field for us
-    theirs = cls.from_config(config, **implied, **overrides)
+    theirs = getattr(diffusers, cls_name).from_config(config, **implied, **overrides)
     ours = schedulers.create(name, config, n, strength, **overrides, **({} if eta is None else {"eta": eta}))
 
     theirs.set_timesteps(n)
@@ -191,16 +178,34 @@ def test_config_variant_matches_diffusers(name, overrides, n):
     check_parity(name, SD15_INPAINT, n, 0.6, **overrides)
 
 
-def test_names_are_the_documented_set():
-    assert schedulers.available() == sorted(DIFFUSERS)
+def test_each_name_means_what_it_says():
+    """The public names and what each one is in diffusers, stated here once: the parity tests take both from the
+    package's table, so this is what holds that table to the names' meaning."""
+    karras = {"use_karras_sigmas": True}
+    pp, sde = {"algorithm_type": "dpmsolver++"}, {"algorithm_type": "sde-dpmsolver++"}
+    assert {name: diffusers_equivalent(name) for name in schedulers.available()} == {
+        "ddpm": ("DDPMScheduler", {}),
+        "ddim": ("DDIMScheduler", {}),
+        "pndm": ("PNDMScheduler", {}),
+        "lms": ("LMSDiscreteScheduler", {}),
+        "lms_karras": ("LMSDiscreteScheduler", karras),
+        "euler": ("EulerDiscreteScheduler", {}),
+        "euler_karras": ("EulerDiscreteScheduler", karras),
+        "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+        "heun": ("HeunDiscreteScheduler", {}),
+        "dpmpp_2m": ("DPMSolverMultistepScheduler", pp),
+        "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", pp | karras),
+        "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", sde),
+        "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler", sde | karras),
+        "unipc": ("UniPCMultistepScheduler", {}),
+    }
 
 
-@pytest.mark.parametrize("name", list(DIFFUSERS))
+@pytest.mark.parametrize("name", NAMES)
 def test_configs_saved_by_diffusers_are_accepted(name):
-    cls, implied = DIFFUSERS[name]
-    if name.startswith("lms") and not diffusers.utils.is_scipy_available():
-        pytest.skip("diffusers' LMS needs scipy")
-    saved = dict(cls.from_config(SD15_INPAINT, **implied).config)  # every __init__ argument, defaults included
+    cls_name, implied = diffusers_equivalent(name)
+    # every __init__ argument, defaults included
+    saved = dict(getattr(diffusers, cls_name).from_config(SD15_INPAINT, **implied).config)
     for ours in (schedulers.create(name, saved, 10), schedulers.create(name, saved, 10, 0.5)):
         assert len(ours.timesteps) > 0
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm_inpaint.models.unet import UNet, UNetConfig
-from weights_convert.common import load_into, read_tensors
+from ldm_inpaint.loading import build_unet
+from ldm_inpaint.models.unet import UNetConfig
+from weights_convert.common import read_tensors
 from weights_convert.unet import diffusers_keys
 from parity import record
 
@@ -41,12 +42,8 @@ def _pair(tmp_path, **config):
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
     ref.save_pretrained(tmp_path)
-    cfg = UNetConfig.from_diffusers(json.loads((tmp_path / "config.json").read_text()))
-    with torch.device("meta"):
-        ours = UNet(cfg)
-    tensors = read_tensors(tmp_path / "diffusion_pytorch_model.safetensors")
-    load_into(ours, tensors, diffusers_keys(cfg), what="UNet")
-    return ref, ours.eval()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    return ref, build_unet(saved, read_tensors(tmp_path / "diffusion_pytorch_model.safetensors"), torch.float32, "cpu")
 
 
 def _max_diff(ref, ours, x, t, sdxl=False):
@@ -124,12 +121,12 @@ def _unet_json(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_unet_key_table_covers_official_diffusers_keys(family):
-    cfg = UNetConfig.from_diffusers(_unet_json(family))
-    with torch.device("meta"):
-        model = UNet(cfg)
-    native = {k: list(v.shape) for k, v in model.state_dict().items()}
     official = json.loads((ROOT / "tests" / "data" / "keys" / f"{family}.diffusers.json").read_text())["unet"]
-    table = diffusers_keys(cfg)
+    # the loader itself, on the meta device: strict, so every official key is read and every parameter filled
+    tensors = {k: torch.empty(s, device="meta") for k, s in official.items()}
+    model = build_unet(_unet_json(family), tensors, None, "meta")
+    native = {k: list(v.shape) for k, v in model.state_dict().items()}
+    table = diffusers_keys(UNetConfig.from_diffusers(_unet_json(family)))
     assert set(table) == set(native)
     assert len(set(table.values())) == len(table), "two native parameters read the same checkpoint key"
     assert set(table.values()) == set(official)

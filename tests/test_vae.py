@@ -8,9 +8,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
+from ldm_inpaint.loading import build_vae
 from ldm_inpaint.models.vae import AutoencoderKL, VAEConfig
-from weights_convert.common import load_into, read_tensors
-from weights_convert.vae import LEGACY_ATTENTION_NAMES, diffusers_keys, rename_legacy_attention
+from weights_convert.common import read_tensors
+from weights_convert.vae import LEGACY_ATTENTION_NAMES, diffusers_keys
 from parity import record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,12 +46,9 @@ def _tiny_diffusers(tmp_path: Path, name: str) -> tuple[DiffusersAutoencoderKL, 
 
 
 def _load_native(folder: Path, tensors=None) -> AutoencoderKL:
-    cfg = VAEConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
     if tensors is None:
         tensors = read_tensors(folder / "diffusion_pytorch_model.safetensors")
-    with torch.device("meta"):
-        model = AutoencoderKL(cfg)
-    return load_into(model, rename_legacy_attention(tensors), diffusers_keys(cfg), what="VAE").eval()
+    return build_vae(json.loads((folder / "config.json").read_text()), tensors, torch.float32, "cpu")
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -121,18 +119,16 @@ def test_vae_loads_legacy_attention_names(tmp_path):
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl-base"])
 def test_vae_diffusers_keys_cover_full_checkpoint(family):
-    cfg = VAEConfig.from_diffusers(json.loads((ROOT / f"ldm_inpaint/configs/{family}/vae.json").read_text()))
+    config = json.loads((ROOT / f"ldm_inpaint/configs/{family}/vae.json").read_text())
     shapes = json.loads((ROOT / f"tests/data/keys/{family}.diffusers.json").read_text())["vae"]
-    with torch.device("meta"):
-        model = AutoencoderKL(cfg)
+    # the loader itself, on the meta device: strict, so every official key is read and every parameter filled
+    model = build_vae(config, {k: torch.empty(s, device="meta") for k, s in shapes.items()}, None, "meta")
     native = model.state_dict()
-    table = diffusers_keys(cfg)
+    table = diffusers_keys(VAEConfig.from_diffusers(config))
     assert set(table) == set(native)
     assert sorted(table.values()) == sorted(shapes)  # one checkpoint key per parameter, none left over
     for ours, theirs in table.items():
         assert list(native[ours].shape) == shapes[theirs], ours
-    tensors = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    load_into(model, tensors, table, what="VAE", device="meta")
 
 
 def test_vae_config_reads_official_configs():
