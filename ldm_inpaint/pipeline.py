@@ -327,7 +327,8 @@ class Pipeline:
         cond = self._text_conditioning(req, family, task, prompts, batch, (height, width))
         options = dict(req.scheduler_options, **({} if req.eta is None else {"eta": req.eta}))
         scheduler = schedulers.create(req.scheduler or schedulers.from_checkpoint(self.scheduler_config),
-                                      self.scheduler_config, req.num_inference_steps, req.strength, **options)
+                                      self.scheduler_config, req.num_inference_steps, req.strength,
+                                      conventions=family.conventions, **options)
         latents = self._start_latents(req, task, cond, scheduler, image, mask_image, batch, height, width)
         return Run(req, family, task, height, width, batch, cond, scheduler, latents, paste)
 

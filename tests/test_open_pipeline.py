@@ -302,3 +302,65 @@ def test_cli_writes_one_attention_map_per_prompt_token(sd_inpaint_dir, tmp_path)
     assert code == 0
     names = sorted(p.name for p in (tmp_path / "maps").iterdir())
     assert names == ["01_a.png", "02_red.png", "03_brick.png", "04_wall.png"]
+
+
+# -- cases that once fell short (issue 11 part 7) ----------------------------------------------------------------
+def test_vae_encoding_of_a_channels_last_image_equals_diffusers_exactly(sd_inpaint_dir):
+    """The preprocessed image is channels-last; the mid-block attention's GroupNorm must see diffusers' (B, C, H·W)
+    view, or the encodings differ by ~5e-7 — which a random UNet amplifies ~40× per step."""
+    import diffusers
+
+    from ldm_inpaint.image import preprocess_image
+
+    ours = ldm_inpaint.load_pipeline(sd_inpaint_dir).vae
+    ref = diffusers.AutoencoderKL.from_pretrained(sd_inpaint_dir / "vae").eval()
+    x = preprocess_image(make_image(96, 64), 64, 96)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got, expected = ours.encode(x), ref.encode(x).latent_dist
+    assert torch.equal(got.mean, expected.mean) and torch.equal(got.logvar, expected.logvar)
+
+
+LONG_PROMPT = " ".join(["a red brick wall with ivy and a small wooden door"] * 9)  # 96 tokens, cut at 77
+
+
+def test_long_prompt_guided_two_each_ddim_matches_diffusers(sd):
+    ours, ref = sd
+    kw = dict(prompt=LONG_PROMPT, image=make_image(96, 64), mask_image=make_mask(96, 64, (24, 8, 72, 48)),
+              height=64, width=96, guidance_scale=7.0, num_images_per_prompt=2, num_inference_steps=5)
+    expected = ref(**kw, generator=torch.Generator().manual_seed(0), output_type="np").images
+    got = ours(**kw, generator=torch.Generator().manual_seed(0), output_type="np", progress=False,
+               scheduler="ddim").images
+    assert_close(got, expected, 1e-5)
+
+
+def test_sdxl_prompt_2_two_each_ddim_matches_diffusers(xl):
+    import diffusers
+
+    ours, ref = xl
+    ref.scheduler, original = diffusers.DDIMScheduler.from_config(ref.scheduler.config), ref.scheduler
+    try:
+        kw = dict(prompt="a red brick wall", prompt_2="a photo, detailed", image=make_image(64, 96),
+                  mask_image=make_mask(64, 96, (8, 24, 48, 72)), height=96, width=64, num_images_per_prompt=2,
+                  num_inference_steps=6)
+        expected = ref(**kw, generator=torch.Generator().manual_seed(0), output_type="np").images
+        got = ours(**kw, generator=torch.Generator().manual_seed(0), output_type="np", progress=False,
+                   scheduler="ddim").images
+    finally:
+        ref.scheduler = original
+    assert_close(got, expected, 1e-5)
+
+
+def test_original_conventions_reach_the_scheduler_and_tokenizer(sd, xl):
+    """conventions="original" is one field of the run's Family: ldm's DDIM runs 8 UNet calls for 7 steps, and
+    SDXL's second tokenizer merges "!" as open_clip does (so the image changes)."""
+    ours, _ = sd
+    calls = []
+    ours(**inpaint_inputs(num_inference_steps=7, scheduler="ddim"), conventions="original", output_type="latent",
+         progress=False, callback_on_step_end=recorder(calls))
+    assert len(calls) == 8
+    xl_pipe, _ = xl
+    kw = inpaint_inputs(prompt="hello!! world!", num_inference_steps=2)
+    a, b = (xl_pipe(**kw, conventions=c, generator=torch.Generator().manual_seed(0), output_type="latent",
+                    progress=False).images for c in ("diffusers", "original"))
+    assert (a - b).abs().max() > 1e-4

@@ -137,8 +137,10 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        # diffusers' view/transpose pair, not einops: at B = 1 the strides differ and pick other kernels
-        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # (B, L, C)
+        # diffusers' view/transpose pair, not einops (at B = 1 the strides differ and pick other kernels), and
+        # the norm on the (B, C, H·W) view as diffusers: on a channels-last 4-D map (the preprocessed image is
+        # one) PyTorch's channels-last GroupNorm kernel sums in another order (encodings off by ~5e-7)
+        h = self.group_norm(x.view(B, C, H * W)).transpose(1, 2)  # (B, L, C)
         h = attn.attention(self.to_q(h), self.to_k(h), self.to_v(h), heads=1)
         h = self.to_out(h).transpose(1, 2).reshape(B, C, H, W)  # a view: channels-last strides
         # The sum takes the layout of its first operand, so `h + x` stays channels-last, and every conv after
