@@ -18,6 +18,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: tiny models gain nothing from two
     torch.set_num_threads(1)
 
+from ldm_inpaint.family import family_of_config  # noqa: E402
 from ldm_inpaint.tokenizer import write_tokenizer_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +95,7 @@ def build_folder(folder: Path, in_channels: int, family: str) -> Path:
     import diffusers
     import transformers
 
-    sdxl = family.startswith("sdxl")
+    sdxl = family_of_config(family).text_encoders == 2
     scheduler_config = json.loads((CONFIGS / family / "scheduler.json").read_text())
     scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
     # diffusers needs transformers' tokenizer (ours is not one of its loadable classes)

@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ldm_inpaint.family import VARIANTS, family_of_config
 from weights_convert import single_file
 from weights_convert.common import CheckpointError
 
 KEYS = Path(__file__).parent / "data" / "keys"
-FAMILIES = single_file.FAMILIES
+FAMILIES = tuple(VARIANTS)
 
 
 def meta_tensors(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
@@ -46,7 +47,7 @@ def test_single_file_keys_map_onto_diffusers_keys_one_to_one(family):
     # each file tensor used once; the rest is exactly the ignore list
     file_keys_used = [v for f, _ in single_file.key_tables(configs).values() for v in f.values()]
     # in each of OpenCLIP's 32 layers q, k, v share one in_proj weight and one bias: 2 repeats of each
-    assert len(file_keys_used) - len(set(file_keys_used)) == (32 * 2 * 2 if family.startswith("sdxl") else 0)
+    assert len(file_keys_used) - len(set(file_keys_used)) == (32 * 2 * 2 if family_of_config(family).text_encoders == 2 else 0)
     ignored = set(file_shapes) - set(file_keys_used)
     assert ignored <= set(single_file.IGNORE)
     assert len(ignored) == (15 if family.startswith("sd15") else 1)  # 12 schedule + 2 EMA scalars + position_ids

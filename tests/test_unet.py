@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldm_inpaint.family import VARIANTS
 from ldm_inpaint.loading import build_unet
 from ldm_inpaint.models.unet import UNetConfig
 from weights_convert.common import read_tensors
@@ -16,7 +17,7 @@ from parity import record
 diffusers = pytest.importorskip("diffusers")
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("sd15", "sd15-inpainting", "sdxl-base", "sdxl-inpainting")
+FAMILIES = tuple(VARIANTS)
 TOL = 1e-5
 CONTEXT_DIM, CONTEXT_LEN, POOLED_DIM, TIME_EMBED_DIM = 32, 7, 32, 8
 

@@ -22,6 +22,7 @@ from typing import Mapping
 
 import torch
 
+from ldm_inpaint.family import family_of_config, variant
 from ldm_inpaint.tokenizer import EOS_TOKEN, write_tokenizer_folder
 from weights_convert import single_file
 from weights_convert.common import WEIGHT_FILES, CheckpointError
@@ -58,11 +59,11 @@ def write_folder(sf: single_file.SingleFile, dst: Path, dtype: torch.dtype | Non
     with its config.json and weights, scheduler/, tokenizer/[, tokenizer_2/] (copied from `tokenizers_from`
     when it has them, else written from the bundled CLIP vocabulary)."""
     index = dict(sf.model_index)
-    index["_class_name"] = single_file.PIPELINES[sf.family]
+    index["_class_name"] = variant(sf.family).pipeline
     for name in NOT_WRITTEN:
         if name in index:
             index[name] = [None, None]
-    if not sf.family.startswith("sdxl"):
+    if family_of_config(sf.family).text_encoders == 1:
         index["requires_safety_checker"] = False
     index["scheduler"] = ["diffusers", sf.configs["scheduler"]["_class_name"]]
     _write_json(dst / "model_index.json", index)

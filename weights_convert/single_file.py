@@ -33,6 +33,7 @@ import torch
 import weights_convert.clip as clip_keys
 import weights_convert.unet as unet_keys
 import weights_convert.vae as vae_keys
+from ldm_inpaint.family import SD15, SDXL, family_of_config
 from ldm_inpaint.models.clip import CLIPTextConfig, CLIPTextModel
 from ldm_inpaint.models.unet import UNet, UNetConfig
 from ldm_inpaint.models.vae import AutoencoderKL, VAEConfig
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
     from importlib.resources.abc import Traversable  # Python ≥ 3.11; annotations only
 
 CONFIGS = files("ldm_inpaint") / "configs"  # the official diffusers configs, package data of ldm_inpaint
-FAMILIES = ("sd15", "sd15-inpainting", "sdxl-base", "sdxl-inpainting")
 SUPPORTED = "SD 1.x, SD 1.x inpainting, SDXL base 1.0, SDXL inpainting"
 COMPONENTS = {False: ("unet", "vae", "text_encoder"), True: ("unet", "vae", "text_encoder", "text_encoder_2")}
 
@@ -61,15 +61,12 @@ IGNORE = (
 )
 EMA_PREFIX = "model_ema."
 
-# diffusers pipeline classes of each family, for model_index.json
-PIPELINES = {"sd15": "StableDiffusionPipeline", "sd15-inpainting": "StableDiffusionInpaintPipeline",
-             "sdxl-base": "StableDiffusionXLPipeline", "sdxl-inpainting": "StableDiffusionXLInpaintPipeline"}
 
 
 @dataclass
 class SingleFile:
     """A single-file checkpoint split into diffusers-layout components."""
-    family: str  # one of FAMILIES
+    family: str  # its official configs folder, a key of ldm_inpaint.family.VARIANTS ("sd15-inpainting", …)
     configs: dict[str, dict]  # diffusers config dicts: unet, vae, text_encoder[, text_encoder_2], scheduler
     tensors: dict[str, dict[str, torch.Tensor]]  # per component: {diffusers key: tensor}
     ema: bool = False  # the UNet weights are the EMA shadows (`model_ema.*`)
@@ -133,7 +130,7 @@ def detect(tensors: Mapping[str, torch.Tensor], name: str = "checkpoint") -> str
     channels = tuple(conv_in.shape)[1] if conv_in is not None and conv_in.dim() == 4 else None
     if channels not in (4, 9):
         raise refuse(f"has a UNet conv_in taking {channels} channels (4: text-to-image, 9: inpainting)")
-    return ("sdxl" if xl else "sd15") + ("-inpainting" if channels == 9 else "-base" if xl else "")
+    return (SDXL if xl else SD15).variants["inpainting" if channels == 9 else "base"].config
 
 
 # --- configs ---
@@ -147,7 +144,7 @@ def _read_json(path: Path | Traversable) -> dict:
 def official_configs(family: str) -> tuple[dict[str, dict], dict]:
     """The official diffusers configs of a family (`ldm_inpaint/configs/<family>/`) and its model_index."""
     d = CONFIGS / family
-    names = COMPONENTS[family.startswith("sdxl")] + ("scheduler",)
+    names = COMPONENTS[family_of_config(family).text_encoders == 2] + ("scheduler",)
     return {n: _read_json(d / f"{n}.json") for n in names}, _read_json(d / "model_index.json")
 
 
@@ -287,7 +284,7 @@ def read(path: str | os.PathLike, config: str | os.PathLike | None = None, ema: 
     name = os.path.basename(os.fspath(path))
     tensors = read_tensors(path)
     family = detect(tensors, name)
-    xl = family.startswith("sdxl")
+    xl = family_of_config(family).text_encoders == 2
     if config is None:
         configs, model_index = official_configs(family)
     else:
