@@ -3,9 +3,9 @@
 The pipeline, the loaders, the benchmark and the tests read these fields instead of testing `is_sdxl`, so a
 difference between the families is stated once, here, with the source of each number.
 
-    family = family_of(pipe)            # SD15 or SDXL
-    family.guidance_scale["inpaint"]     # 7.5
-    family.variants["inpainting"].config # "sdxl-inpainting": the official configs in ldm_inpaint/configs/
+    pipe.family                          # SD15 or SDXL, chosen by the loader
+    SDXL.guidance_scale["img2img"]       # 5.0
+    SDXL.variants["inpainting"].config   # "sdxl-inpainting": the official configs in ldm_inpaint/configs/
 """
 
 from __future__ import annotations

@@ -32,11 +32,11 @@ from PIL import Image
 from weights_convert.unet import diffusers_keys
 
 from . import schedulers
+from .family import TASKS
 from .image import load_image, round_size
 from .loading import load_pipeline
 from .models.unet import ResBlock, SpatialTransformer
 
-TASKS = ("txt2img", "img2img", "inpaint")
 # (family, task) → the diffusers pipeline that does the same
 DIFFUSERS_PIPELINES = {
     ("sd15", "txt2img"): "StableDiffusionPipeline",

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from . import schedulers
-from .family import SD15, TASKS, Family
+from .family import SD15, Family
 from .image import ImageInput, image_size, postprocess, preprocess_image, preprocess_mask, round_size
 from .inpaint import PasteBack, blur_masks, edit_masks
 from .memory import release

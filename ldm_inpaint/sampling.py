@@ -18,7 +18,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .noise import Generator
-from .schedulers.schedule import alphas_cumprod, denoised_from, predict_x0_eps, vp_alpha_sigma
 
 
 @dataclass
@@ -94,30 +93,14 @@ def blend_known(latents: torch.Tensor, cond: Conditioning, scheduler, i: int) ->
     return (1 - mask) * known + mask * latents
 
 
-def predicted_x0(scheduler, i: int, x: torch.Tensor, prediction: torch.Tensor, alpha_bar=None) -> torch.Tensor:
-    """The clean latents that the (guided) model output implies at step i, in the scale of x: for σ-based
-    samplers x = x_0 + σ·ε, for the others x = √ᾱ·x_0 + √(1 − ᾱ)·ε. Read-only: no scheduler state changes."""
-    kind = scheduler.config.prediction_type
-    if hasattr(scheduler, "sigmas"):
-        sigma = scheduler.sigmas[i].to(x)
-        if scheduler.init_noise_sigma > 1:  # x = x_0 + σ·ε (Euler, Heun, LMS, …)
-            return denoised_from(prediction, x, sigma, kind)
-        alpha_t, sigma_t = vp_alpha_sigma(sigma)  # variance-preserving x at the noise level σ (DPM-Solver, UniPC)
-    else:
-        a = (alpha_bar if alpha_bar is not None else alphas_cumprod(scheduler.config))[scheduler.timesteps[i]]
-        alpha_t, sigma_t = a.sqrt().to(x), (1 - a).sqrt().to(x)
-    return predict_x0_eps(prediction, x, alpha_t, sigma_t, kind)[0]
-
-
 def sample(unet, latents: torch.Tensor, cond: Conditioning, scheduler, generator: Generator = None,
            progress: bool = False, desc: str = "sampling") -> Iterator[Step]:
     """Denoise `latents` (B, 4, h, w) along `scheduler.timesteps`, yielding after every model call."""
-    alpha_bar = None if hasattr(scheduler, "sigmas") else alphas_cumprod(scheduler.config)
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc=desc)):
         model_output = unet(cond.model_input(scheduler.scale_model_input(latents, i)), t, cond.context,
                             **cond.unet_kwargs())
         prediction = guide(model_output, cond)
-        x0 = predicted_x0(scheduler, i, latents, prediction, alpha_bar)
+        x0 = scheduler.predicted_x0(prediction, i, latents)
         latents = scheduler.step(prediction, i, latents, generator=generator)
         step = Step(i, t, blend_known(latents, cond, scheduler, i), x0, model_output)
         yield step

@@ -97,12 +97,17 @@ def test_main_prints_the_table_and_exits_0(sd_inpaint_dir, capsys):
     assert out.rstrip().endswith("stages agree within 0.0001")
 
 
-def test_main_exits_1_naming_the_first_difference(sd_inpaint_dir, capsys):
-    # tol 0: float rounding differs from diffusers' in the last bits (~1e-7) somewhere along the way
-    assert main([str(sd_inpaint_dir), "--steps", "1", "--tol", "0"]) == 1
+def test_main_exits_1_naming_the_first_difference(sd_inpaint_dir, capsys, monkeypatch):
+    # our attention (text encoder, VAE and UNet alike, through the one swap point) made 0.1 % too large
+    from ldm_inpaint.models import attention as attn
+
+    fused = attn.fused_attention
+    monkeypatch.setattr(attn, "attention", lambda q, k, v, heads, causal=False: fused(q, k, v, heads, causal) * 1.001)
+    assert main([str(sd_inpaint_dir), "--steps", "1"]) == 1
     lines = capsys.readouterr().out.rstrip().splitlines()
-    assert lines[-1].startswith("first difference beyond 0: ")
-    first = lines[-1].removeprefix("first difference beyond 0: ").rsplit(" (", 1)[0]
+    assert lines[-1].startswith("first difference beyond 0.0001: ")
+    first = lines[-1].removeprefix("first difference beyond 0.0001: ").rsplit(" (", 1)[0]
+    assert "text" in first  # the text encoder runs first
     flagged = [line for line in lines if line.endswith("DIFFERS")]
     assert flagged[0].startswith(first)
 

@@ -7,7 +7,7 @@
 
 Every scheduler is a small class of one form: built for one run (it may keep that run's multistep history),
 with `timesteps` (already cut by strength), `init_noise_sigma`, `scale_model_input(x, i)`, `step(model_output,
-i, x, generator)` and `add_noise(x0, noise, i)`, where i indexes the model calls (`model_calls_per_step` per
+i, x, generator)`, `add_noise(x0, noise, i)` and `predicted_x0(model_output, i, x)`, where i indexes the model calls (`model_calls_per_step` per
 inference step: 2 for Heun). Schedule math is in schedule.py; what the schedulers of one kind (ᾱ-indexed,
 σ-based, multistep) share, in base.py, so that each method's file is mostly its `step`.
 """

@@ -20,7 +20,9 @@ from .schedule import (
     alphas_cumprod,
     first_kept_step,
     integer_timesteps,
+    denoised_from,
     multistep_sigma_schedule,
+    predict_x0_eps,
     sigma_schedule,
     ve_init_noise_sigma,
     vp_alpha_sigma,
@@ -57,6 +59,11 @@ class AlphaBarScheduler:
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
         return add_noise_at(x0, noise, self.alpha_bar, self.timesteps, i)
 
+    def predicted_x0(self, model_output: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The clean sample the model output implies at call i (read-only: no state changes)."""
+        a = self.alpha_bar[self.timesteps[i]]
+        return predict_x0_eps(model_output, x, a.sqrt().to(x), (1 - a).sqrt().to(x), self.config.prediction_type)[0]
+
 
 class SigmaScheduler:
     """x = x_0 + σ·ε at noise level σ = √((1 − ᾱ)/ᾱ) (Karras et al. 2022): the initial noise is scaled by about
@@ -87,6 +94,10 @@ class SigmaScheduler:
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
         return x0 + noise * self.sigmas.to(x0)[i]
 
+    def predicted_x0(self, model_output: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The clean sample the model output implies at call i (read-only: no state changes)."""
+        return denoised_from(model_output, x, self.sigmas.to(x)[i], self.config.prediction_type)
+
 
 class MultistepScheduler(SigmaScheduler):
     """Stepped in σ on diffusers' multistep schedule (integer timesteps), but the sample is the variance-preserving
@@ -104,3 +115,7 @@ class MultistepScheduler(SigmaScheduler):
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
         alpha_t, sigma_t = vp_alpha_sigma(self.sigmas.to(x0)[i])
         return alpha_t * x0 + sigma_t * noise
+
+    def predicted_x0(self, model_output: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        alpha_t, sigma_t = vp_alpha_sigma(self.sigmas.to(x)[i])
+        return predict_x0_eps(model_output, x, alpha_t, sigma_t, self.config.prediction_type)[0]
