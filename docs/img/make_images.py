@@ -1,5 +1,6 @@
-"""Regenerate the pictures of docs/inpainting.md with the tiny random test model (they show the mechanics of
-each option, not model quality): .venv/bin/python docs/img/make_images.py  (about a minute on a CPU)."""
+"""Regenerate the pictures of docs/inpainting.md and docs/research.md with the tiny random test model (they show
+the mechanics of each option, not model quality): .venv/bin/python docs/img/make_images.py  (about a minute on a
+CPU); `... make_images.py attention_maps.png` makes only that one."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ sys.path.insert(0, str(HERE.parents[1] / "tests"))
 from conftest import build_folder, make_image, make_mask  # noqa: E402
 
 import ldm_inpaint  # noqa: E402
+from ldm_inpaint.attention_maps import heat_colors, save_token_maps, token_labels  # noqa: E402
 from ldm_inpaint.inpaint import (blur_mask, crop_region, edit_mask, extend_canvas, feather,  # noqa: E402
                                  feather_width, resize_fill)
 
@@ -45,10 +47,14 @@ def changed(a: Image.Image, b: Image.Image) -> Image.Image:
     return Image.fromarray(np.where(d > 0, 255, 0).astype(np.uint8))
 
 
-def main() -> None:
+def tiny_pipeline() -> ldm_inpaint.Pipeline:
     torch.manual_seed(0)
     folder = build_folder(Path(tempfile.mkdtemp()) / "tiny-sd15-inpainting", 9, "sd15-inpainting")
-    pipe = ldm_inpaint.load_pipeline(folder)
+    return ldm_inpaint.load_pipeline(folder)
+
+
+def main() -> None:
+    pipe = tiny_pipeline()
 
     def run(image, mask, **kw):
         kw.setdefault("num_inference_steps", STEPS)
@@ -97,7 +103,34 @@ def main() -> None:
                  for o in (round_trip, no, yes)]
     sheet("drift.png", [("|change| x2: VAE only", amplified[0]), ("blend off", amplified[1]),
                         ("blend on", amplified[2])], colours=24)
+    attention_sheet(pipe)
+
+
+def attention_sheet(pipe: ldm_inpaint.Pipeline, prompt: str = "a red brick wall") -> None:
+    """The output of an inpainting run, then per prompt token its cross-attention map as the CLI's
+    --attention-maps writes it (save_token_maps: scaled by its own maximum, over the output) and, below, the
+    same heat alone, which the noisy output of a random model would otherwise hide."""
+    image, mask = make_image(W, H), make_mask(W, H, BOX)
+    out = pipe(prompt, image=image, mask_image=mask, num_inference_steps=STEPS, return_attention_maps=True,
+               generator=torch.Generator().manual_seed(0), progress=False)
+    labels = token_labels(pipe.tokenizer, prompt)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = save_token_maps(out.attention_maps[0], out.images[0], labels, folder)
+        overlays = [Image.open(p).copy() for p in paths]
+    maps = out.attention_maps[0, 1:len(labels) + 1, None]  # (tokens, 1, h, w): position 0 is BOS
+    heat = torch.nn.functional.interpolate(maps, size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+    heat = heat_colors((heat / heat.amax(dim=(1, 2), keepdim=True)).numpy())  # (tokens, H, W, 3)
+    panels = [("output", out.images[0])]
+    for label, overlay, colours in zip(labels, overlays, heat):
+        column = Image.new("RGB", (W, 2 * H + 2), (150, 150, 150))
+        column.paste(overlay, (0, 0))
+        column.paste(Image.fromarray((255 * colours).round().astype(np.uint8)), (0, H + 2))
+        panels.append((f'"{label}"', column))
+    sheet("attention_maps.png", panels)
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["attention_maps.png"]:
+        attention_sheet(tiny_pipeline())
+    else:
+        main()
