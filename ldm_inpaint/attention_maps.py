@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
+from ldm_inpaint.image import save_png
 from ldm_inpaint.models.unet import Attention, SpatialTransformer, UNet
 from ldm_inpaint.tokenizer import CLIPTokenizer
 
@@ -147,7 +147,7 @@ def save_token_maps(maps: torch.Tensor, image: Image.Image, labels: list[str],
     for position, (label, m) in enumerate(zip(labels, heat), start=1):
         overlay = 0.5 * base + 0.5 * 255 * heat_colors(m.numpy())
         path = folder / f"{position:02d}_{_filename_safe(label)}.png"
-        _save_png(Image.fromarray(overlay.round().clip(0, 255).astype(np.uint8)), path)
+        save_png(Image.fromarray(overlay.round().clip(0, 255).astype(np.uint8)), path)
         paths.append(path)
     return paths
 
@@ -155,15 +155,3 @@ def save_token_maps(maps: torch.Tensor, image: Image.Image, labels: list[str],
 def _filename_safe(label: str) -> str:
     """Letters, digits, '-' and '_' of a token's text; 'token' for a token with none (punctuation)."""
     return re.sub(r"[^\w-]+", "_", label).strip("_")[:40] or "token"
-
-
-def _save_png(picture: Image.Image, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a reader never sees a half-written PNG."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            picture.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -9,11 +9,9 @@ temporary file and renamed into place, so no partial output is ever left behind.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import sys
-import tempfile
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-inpainting"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -85,29 +83,11 @@ def output_paths(out: str, n: int) -> list[str]:
     return [out] if n == 1 else [f"{stem}_{i}{ext}" for i in range(n)]
 
 
-def save_png(image, path: str, parameters: dict) -> None:
-    """Write atomically: a temporary file in the same folder, renamed over the target when complete."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", json.dumps(parameters))
-    for key, value in parameters.items():
-        info.add_text(key, str(value))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def run(args: argparse.Namespace) -> list[str]:
     import torch
 
     from . import load_pipeline, outpaint
-    from .image import load_image
+    from .image import load_image, save_png
     from .inpaint import extend_canvas, has_alpha, mask_from_alpha
 
     # fail before minutes of loading, not after
