@@ -17,6 +17,11 @@ TASKS = ("txt2img", "img2img", "inpaint")
 CONVENTIONS = ("diffusers", "original")
 
 
+def check_conventions(conventions: str) -> None:
+    if conventions not in CONVENTIONS:
+        raise ValueError(f"conventions must be one of {CONVENTIONS}, got {conventions!r}")
+
+
 @dataclass(frozen=True)
 class Variant:
     """One official checkpoint layout of a family: its configs folder and diffusers' pipeline class for it."""
@@ -51,8 +56,7 @@ class Family:
     conventions: str = "diffusers"
 
     def __post_init__(self):
-        if self.conventions not in CONVENTIONS:
-            raise ValueError(f"conventions must be one of {CONVENTIONS}, got {self.conventions!r}")
+        check_conventions(self.conventions)
 
     def with_conventions(self, conventions: str | None) -> Family:
         return self if conventions is None else dataclasses.replace(self, conventions=conventions)

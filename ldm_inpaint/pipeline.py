@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from . import schedulers
+from .attention_maps import CrossAttentionMaps
 from .family import SD15, Family
 from .image import ImageInput, image_size, postprocess, preprocess_image, preprocess_mask, round_size
 from .inpaint import PasteBack, blur_masks, edit_masks
@@ -274,8 +275,6 @@ class Pipeline:
         self._interrupt = False
         maps = None
         if req.return_attention_maps:
-            from .attention_maps import CrossAttentionMaps
-
             maps = CrossAttentionMaps(self.unet, tuple(latents.shape[-2:]))
         with maps if maps is not None else contextlib.nullcontext():
             for step in self.sample(run):
@@ -325,11 +324,13 @@ class Pipeline:
                 image, mask_image = paste.crop(image, mask_image, width, height, req.padding_mask_crop)
 
         cond = self._text_conditioning(req, family, task, prompts, batch, (height, width))
+        self._release(self.text_encoder, self.text_encoder_2)
         options = dict(req.scheduler_options, **({} if req.eta is None else {"eta": req.eta}))
         scheduler = schedulers.create(req.scheduler or schedulers.from_checkpoint(self.scheduler_config),
                                       self.scheduler_config, req.num_inference_steps, req.strength,
                                       conventions=family.conventions, **options)
         latents = self._start_latents(req, task, cond, scheduler, image, mask_image, batch, height, width)
+        self._release(self.vae.encoder)
         return Run(req, family, task, height, width, batch, cond, scheduler, latents, paste)
 
     def _prompts(self, req: Request) -> tuple[list[str] | None, int]:
@@ -366,7 +367,6 @@ class Pipeline:
                 uncond, uncond_pooled = self.encode_prompt(negatives, negatives_2, conventions=family.conventions)
             context = torch.cat([uncond.to(context), context])
             pooled = None if pooled is None else torch.cat([uncond_pooled.to(pooled), pooled])
-        self._release(self.text_encoder, self.text_encoder_2)
         n = req.num_images_per_prompt
         cond = Conditioning(context=context.to(self.device, self.dtype).repeat_interleave(n, dim=0),  # halves kept
                             guidance_scale=req.guidance_scale, guidance_rescale=req.guidance_rescale)
@@ -396,15 +396,12 @@ class Pipeline:
         image_latents = None
         if task == "img2img":
             if given is not None:  # diffusers' SDXL img2img: the given latents are the start, used as they are
-                self._release(self.vae.encoder)
                 return given
             x = preprocess_image(image, height, width)
             if isinstance(generator, (list, tuple)):  # diffusers repeats the images first, then encodes each
                 x = x.repeat(batch // x.shape[0], 1, 1, 1)
             image_latents = _expand(self.encode_image(x, generator), batch)
-            latents = scheduler.add_noise(image_latents, randn(shape, generator, device, dtype), 0)
-            self._release(self.vae.encoder)
-            return latents
+            return scheduler.add_noise(image_latents, randn(shape, generator, device, dtype), 0)
 
         if task == "inpaint":
             x = preprocess_image(image, height, width)
@@ -430,7 +427,6 @@ class Pipeline:
                 if image_latents is None:  # the mean: no random number drawn
                     image_latents = _expand(self.encode_image(x, generator, sample=False), batch)
                 cond.known, cond.noise = image_latents, noise
-        self._release(self.vae.encoder)
         return latents
 
     # -- stage 2: the loop --------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from pathlib import Path
 import regex  # the `re` module has no \p{L} / \p{N}
 import torch
 
-from .family import CONVENTIONS
+from .family import check_conventions
 
 logger = logging.getLogger(__name__)
 
@@ -384,8 +384,7 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: list[str], conventions: str = "d
     (`is_open_clip`) that is open_clip's `SimpleTokenizer` (`encode_open_clip`), whose cut (`tokens[:77]`, last
     → EOS) and zero padding are diffusers'; CLIP ViT-L's was transformers' own there too, so its ids do not
     change."""
-    if conventions not in CONVENTIONS:
-        raise ValueError(f"conventions must be one of {CONVENTIONS}, got {conventions!r}")
+    check_conventions(conventions)
     n, pad = tokenizer.model_max_length, tokenizer.pad_token_id
     open_clip = conventions == "original" and tokenizer.is_open_clip
     encoded = [tokenizer.encode_open_clip(p) if open_clip else tokenizer.encode(p) for p in prompts]
