@@ -25,6 +25,6 @@ bench:
 parity-report:
 	rm -f parity.tsv
 	PARITY_REPORT=$(CURDIR)/parity.tsv $(PY) -m pytest -q -n 2 tests/test_unet.py tests/test_vae.py tests/test_clip.py \
-		tests/test_pipeline.py tests/test_sdxl.py tests/test_pipeline_schedulers.py
+		tests/test_pipeline.py tests/test_sdxl.py tests/test_pipeline_schedulers.py tests/test_open_pipeline.py
 	$(PY) tests/parity.py parity.tsv  # the table to paste into docs/parity.md
 	rm parity.tsv
