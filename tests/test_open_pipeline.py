@@ -353,3 +353,13 @@ def test_original_conventions_reach_the_scheduler_and_tokenizer(sd, xl):
     a, b = (xl_pipe(**kw, conventions=c, generator=torch.Generator().manual_seed(0), output_type="latent",
                     progress=False).images for c in ("diffusers", "original"))
     assert (a - b).abs().max() > 1e-4
+
+
+def test_img2img_start_latents_match_diffusers_sdxl(sdxl_dir):
+    """SDXL img2img takes given latents as the start itself (no image encoding, no noise drawn)."""
+    ours, ref = ldm_inpaint.load_pipeline(sdxl_dir), diffusers_pipeline("StableDiffusionXLImg2ImgPipeline", sdxl_dir)
+    start = torch.randn(1, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(3))
+    kw = dict(prompt="a cat", image=make_image(W, H), num_inference_steps=5, strength=0.6, latents=start)
+    expected = ref(**kw, generator=torch.Generator().manual_seed(0), output_type="np").images
+    got = ours(**kw, generator=torch.Generator().manual_seed(0), output_type="np", progress=False).images
+    assert_close(got, expected)
