@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
-from ldm_inpaint.image import save_png
+from ldm_inpaint.outputs import save_png
 from ldm_inpaint.models.unet import Attention, SpatialTransformer, UNet
 from ldm_inpaint.tokenizer import CLIPTokenizer
 

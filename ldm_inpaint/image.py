@@ -7,9 +7,7 @@ images go to [-1, 1]; masks are binarised at 0.5 with 1 = repaint, 0 = keep.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from typing import Sequence, Union
 
 import numpy as np
@@ -117,23 +115,3 @@ def postprocess(x: torch.Tensor, output_type: str):
     if output_type == "np":
         return x
     return [Image.fromarray(a) for a in (x * 255).round().astype(np.uint8)]
-
-
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict | None = None) -> None:
-    """Write a PNG atomically: to a temporary file in the same folder, renamed over `path` when complete, so no
-    reader ever sees a half-written file. `parameters` go into its text chunks (and as JSON under "parameters")."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    if parameters:
-        info.add_text("parameters", json.dumps(parameters))
-        for key, value in parameters.items():
-            info.add_text(key, str(value))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> list[str]:
     import torch
 
     from . import load_pipeline, outpaint
-    from .image import load_image, save_png
+    from .image import load_image
+    from .outputs import save_png
     from .inpaint import extend_canvas, has_alpha, mask_from_alpha
 
     # fail before minutes of loading, not after

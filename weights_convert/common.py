@@ -10,10 +10,11 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from ldm_inpaint.checks import InputError
 from ldm_inpaint.memory import drop_file_pages
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that does not fit the model; the message says what to do."""
 
 
