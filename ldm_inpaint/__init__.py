@@ -6,8 +6,16 @@
     out.images[0].save("out.png")
 """
 
-from .inpaint import mask_from_alpha, outpaint
-from .loading import load_pipeline
-from .pipeline import Pipeline, PipelineOutput
+import importlib
 
-__all__ = ["load_pipeline", "Pipeline", "PipelineOutput", "outpaint", "mask_from_alpha"]
+# name → module; imported on first use, so `python -m ldm_inpaint.sample --help` (and a Ctrl-C while it starts)
+# does not wait for torch before the command line can answer
+_API = {"load_pipeline": "loading", "Pipeline": "pipeline", "PipelineOutput": "pipeline", "outpaint": "inpaint",
+        "mask_from_alpha": "inpaint", "InputError": "checks"}
+__all__ = list(_API)
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'ldm_inpaint' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_API[name]}", __name__), name)

@@ -78,11 +78,11 @@ def device(spec: str | torch.device) -> torch.device:
 
 
 # -- memory ---------------------------------------------------------------------------------------------------
-# Bytes of activations per output pixel and image at the peak of a call, fp32 (halved for bf16/fp16): the VAE
-# decoder's last block at full resolution (128 channels, a few live copies through GroupNorm and the convs),
-# which outweighs the UNet at 1/64 of the pixels. Measured: SD 1.5's VAE decoding 512² peaks 1.4 GiB above
-# its weights (≈ 5.6 KB/px); the UNet's guided batch at 64² latents adds far less.
-BYTES_PER_PIXEL = 6 * 1024
+# Bytes of activations per output pixel and image at the peak of a call: the VAE decoder's last blocks at full
+# resolution (128-256 channels, a few live copies through GroupNorm and the convs) outweigh the UNet at 1/64 of
+# the pixels. Measured, SD 1.5's VAE decoding one image (peak RSS above its weights): fp32 4.4 KB/px at 256²,
+# 4.0 KB/px at 512²; bf16 2.6 and 1.1 KB/px.
+BYTES_PER_PIXEL = {torch.float32: 4096, torch.bfloat16: 2048, torch.float16: 2048}
 ENV_LIMIT = "LDM_INPAINT_MAX_MEMORY_GB"
 
 
@@ -109,8 +109,7 @@ def memory_needed(height: int, width: int, images: int, dtype: torch.dtype = tor
                   weights_bytes: int = 0) -> int:
     """An estimate of a call's peak bytes: the weights plus the decoder's activations at height × width.
     Images are decoded together, so the batch multiplies it."""
-    per_pixel = BYTES_PER_PIXEL * (2 if dtype == torch.float32 else 1) // 2
-    return weights_bytes + images * height * width * per_pixel
+    return weights_bytes + images * height * width * BYTES_PER_PIXEL.get(dtype, 4096)
 
 
 def check_memory(height: int, width: int, images: int, dtype: torch.dtype = torch.float32,
@@ -122,3 +121,26 @@ def check_memory(height: int, width: int, images: int, dtype: torch.dtype = torc
         raise InputError(f"{images} image(s) of {width}x{height} need about {need / 2**30:.1f} GiB, more than the "
                          f"{limit / 2**30:.1f} GiB available; use a smaller size or fewer images (--crop-to-mask "
                          f"inpaints only around the mask), or raise the limit with {ENV_LIMIT}")
+
+
+def tensor(value, name: str, dims: str | None = None) -> torch.Tensor:
+    """A floating-point tensor with only finite values, and as many dimensions as `dims` names ("(B, 4, h, w)"):
+    latents and embeddings a caller passes in."""
+    if not isinstance(value, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise InputError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if dims is not None and value.ndim != dims.count(",") + 1:
+        raise InputError(f"{name} must be {dims}, got shape {tuple(value.shape)}")
+    if not torch.isfinite(value).all():
+        raise InputError(f"{name} holds NaN or infinite values")
+    return value
+
+
+def size_pair(value, name: str) -> tuple[int, int] | None:
+    """None, or a (height, width) / (top, left) pair of whole numbers ≥ 0."""
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise InputError(f"{name} must be a pair (height, width) or (top, left), got {_short(value)}")
+    return tuple(number(v, name, integer=True, low=0) for v in value)

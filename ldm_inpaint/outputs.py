@@ -34,8 +34,10 @@ def check_writable(paths: list[str], overwrite: bool = False, flag: str = "--out
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise InputError(f"{flag} {path!r}: folder {folder} does not exist; create it first")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise InputError(f"{flag} {path!r}: folder {folder} is not writable; choose another output")
+        try:  # a real file, not os.access: that says yes to root on a read-only file system
+            tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-").close()
+        except OSError as e:
+            raise InputError(f"{flag} {path!r}: cannot write in {folder} ({e.strerror}); choose another output") from e
         if os.path.isdir(path):
             raise InputError(f"{flag} {path!r} is a folder; give a file name")
         if os.path.exists(path) and not overwrite:

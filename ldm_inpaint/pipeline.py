@@ -37,8 +37,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from . import schedulers
+from . import checks, schedulers
 from .attention_maps import CrossAttentionMaps
+from .checks import InputError
 from .family import SD15, Family
 from .image import ImageInput, image_size, postprocess, preprocess_image, preprocess_mask, round_size
 from .inpaint import PasteBack, blur_masks, edit_masks
@@ -54,6 +55,11 @@ from .tokenizer import tokenize
 CALLBACK_TENSORS = {"latents": None, "prompt_embeds": "context", "negative_prompt_embeds": None,
                     "add_text_embeds": "pooled", "add_time_ids": "time_ids", "mask": "mask",
                     "masked_image_latents": "masked_latents"}
+GUIDANCE_MAX = 100  # ComfyUI's cap too; far beyond it the guided prediction overflows to NaN
+SIZE_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                     "negative_crops_coords_top_left", "negative_target_size")
+SDXL_ONLY = ("prompt_2", "negative_prompt_2", *SIZE_CONDITIONING, "pooled_prompt_embeds",
+             "negative_pooled_prompt_embeds")
 
 
 @dataclass
@@ -115,9 +121,14 @@ class Request:
 
     @classmethod
     def of(cls, prompt=None, **options) -> Request:
-        """A request from pipe(...)'s arguments: keywords that are not fields override the scheduler's config."""
+        """A request from pipe(...)'s arguments: keywords that are scheduler config keys override its config;
+        any other unknown keyword is an error naming it."""
         fields = {f.name for f in dataclasses.fields(cls)} - {"prompt", "scheduler_options"}
         scheduler_options = {k: options.pop(k) for k in list(options) if k not in fields}
+        unknown = sorted(set(scheduler_options) - schedulers.SchedulerConfig.keys())
+        if unknown:
+            raise InputError(f"unknown argument(s) {', '.join(unknown)}: pipe() takes diffusers' argument names "
+                             "(help(Pipeline.__call__)) and scheduler config keys such as timestep_spacing")
         return cls(prompt, **options, scheduler_options=scheduler_options)
 
 
@@ -146,7 +157,7 @@ class Pipeline:
                  scheduler_config: dict, family: Family = SD15, text_encoder_2: CLIPTextModel | None = None,
                  tokenizer_2=None, name: str = ""):
         if (text_encoder_2 is not None) != (family.text_encoders == 2):
-            raise ValueError(f"{family.title} has {family.text_encoders} text encoder(s)")
+            raise InputError(f"{family.title} has {family.text_encoders} text encoder(s)")
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.scheduler_config = scheduler_config
@@ -303,7 +314,7 @@ class Pipeline:
         req = dataclasses.replace(
             req, guidance_scale=family.guidance_scale[task] if req.guidance_scale is None else req.guidance_scale,
             strength=family.strength[task] if req.strength is None else req.strength)
-        self._check(task, req)
+        req = self._check(task, req)
         prompts, batch = self._prompts(req)
         image, mask_image, paste = req.image, req.mask_image, None
         height, width = req.height, req.width
@@ -312,6 +323,7 @@ class Pipeline:
                       else (self.unet.cfg.sample_size * family.vae_scale_factor,) * 2)
             height, width = height or h0, width or w0
         height, width = round_size(height, width)
+        checks.check_memory(height, width, batch, self.vae_dtype)  # before anything of that size is allocated
 
         # the mask as edited (invert, grow, then blur), and how the result goes back into the input picture;
         # padding_mask_crop: from here on, image and mask are the box around the mask, at height × width
@@ -340,7 +352,7 @@ class Pipeline:
         prompts = _as_prompts(req.prompt, "prompt")
         batch = len(prompts) * req.num_images_per_prompt
         if isinstance(req.generator, (list, tuple)) and len(req.generator) != batch:
-            raise ValueError(f"{len(req.generator)} generators for {batch} images: give one per image or a single one")
+            raise InputError(f"{len(req.generator)} generators for {batch} images: give one per image or a single one")
         return prompts, batch
 
     def _text_conditioning(self, req: Request, family: Family, task: str, prompts: list[str] | None, batch: int,
@@ -391,7 +403,7 @@ class Pipeline:
         inpainting_unet = self.unet.cfg.in_channels == 9
         given = None if req.latents is None else req.latents.to(device, dtype)
         if given is not None and given.shape != shape:
-            raise ValueError(f"latents have shape {tuple(given.shape)}, expected {shape} for {batch} image(s) of "
+            raise InputError(f"latents have shape {tuple(given.shape)}, expected {shape} for {batch} image(s) of "
                              f"{width}x{height}")
         image_latents = None
         if task == "img2img":
@@ -469,42 +481,67 @@ class Pipeline:
         return PipelineOutput(images=images)
 
     # -- checks -------------------------------------------------------------------------------------------
-    def _check(self, task: str, req: Request) -> None:
-        image, mask_image, strength = req.image, req.mask_image, req.strength
+    def _check(self, task: str, req: Request) -> Request:
+        """The request with every number checked (checks.number: type, finite, range) and made a plain int or
+        float, or an InputError naming the argument."""
+        number = checks.number
+        image, mask_image = req.image, req.mask_image
         if mask_image is not None and image is None:
-            raise ValueError("mask_image was given without image: pass the image to inpaint as well")
+            raise InputError("mask_image was given without image: pass the image to inpaint as well")
         if task == "inpaint" and image_size(image) != image_size(mask_image):
             (h, w), (mh, mw) = image_size(image), image_size(mask_image)
-            raise ValueError(f"image is {w}x{h} but mask_image is {mw}x{mh}: give a mask of the image's size")
+            raise InputError(f"image is {w}x{h} but mask_image is {mw}x{mh}: give a mask of the image's size")
         if self.unet.cfg.in_channels == 9 and task != "inpaint":
-            raise ValueError(f"{self.name or 'this'} is an inpainting model (9-channel UNet): give both "
-                             "image and mask_image")
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
-        if task == "txt2img" and strength != 1.0:
-            raise ValueError("strength applies only when an image is given")
-        if not isinstance(req.num_inference_steps, int) or req.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer ≥ 1, got {req.num_inference_steps}")
-        if req.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be ≥ 0 (1 or less turns guidance off), got {req.guidance_scale}")
-        if req.num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be ≥ 1, got {req.num_images_per_prompt}")
+            raise InputError(f"{self.name or 'this'} is an inpainting model (9-channel UNet): give both an image "
+                             "and a mask (image= and mask_image=, or --image and --mask)")
+        steps_max = self.scheduler_config.get("num_train_timesteps", 1000)
+        req = dataclasses.replace(
+            req,
+            num_inference_steps=number(req.num_inference_steps, "num_inference_steps", integer=True, low=1,
+                                       high=steps_max),
+            guidance_scale=number(req.guidance_scale, "guidance_scale", low=0, high=GUIDANCE_MAX),
+            guidance_rescale=number(req.guidance_rescale, "guidance_rescale", low=0, high=1),
+            strength=number(req.strength, "strength", low=0, low_open=True, high=1),
+            eta=None if req.eta is None else number(req.eta, "eta", low=0, high=1),
+            num_images_per_prompt=number(req.num_images_per_prompt, "num_images_per_prompt", integer=True, low=1),
+            height=None if req.height is None else number(req.height, "height", integer=True, low=8),
+            width=None if req.width is None else number(req.width, "width", integer=True, low=8),
+            clip_skip=None if req.clip_skip is None else number(
+                req.clip_skip, "clip_skip", integer=True, low=0, high=self._clip_skip_max()),
+            padding_mask_crop=None if req.padding_mask_crop is None else number(
+                req.padding_mask_crop, "padding_mask_crop", integer=True, low=0),
+            **{name: checks.size_pair(getattr(req, name), name) for name in SIZE_CONDITIONING},
+        )
+        if task == "txt2img" and req.strength != 1.0:
+            raise InputError("strength applies only when an image is given")
         if req.output_type not in ("pil", "np", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {req.output_type!r}")
-        if self.family.text_encoders == 1 and (req.prompt_2 is not None or req.negative_prompt_2 is not None):
-            raise ValueError("prompt_2 and negative_prompt_2 need an SDXL model (it has a second text encoder)")
+            raise InputError(f"output_type must be 'pil', 'np' or 'latent', got {req.output_type!r}")
+        _check_generator(req.generator)
+        if req.latents is not None:
+            checks.tensor(req.latents, "latents", "(batch, channels, height/8, width/8)")
+        if self.family.text_encoders == 1:
+            sdxl_only = [name for name in SDXL_ONLY if getattr(req, name) not in (None, (0, 0))]
+            if sdxl_only:
+                raise InputError(f"{', '.join(sdxl_only)}: SDXL-only argument(s), and this is an "
+                                 f"{self.family.title} model; leave them out")
         self._check_embeds(req)
         unknown = [k for k in req.callback_on_step_end_tensor_inputs if k not in CALLBACK_TENSORS]
         if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} unknown; choose from "
+            raise InputError(f"callback_on_step_end_tensor_inputs {unknown} unknown; choose from "
                              f"{list(CALLBACK_TENSORS)}")
         self._check_picture_options(task, req)
+        return req
+
+    def _clip_skip_max(self) -> int:
+        """clip_skip may go back to the token embeddings' layer, no further."""
+        layers = len(self.text_encoder.layers)
+        return layers + 1 + self.family.text_layer
 
     def _check_embeds(self, req: Request) -> None:
         if (req.prompt is None) == (req.prompt_embeds is None):
-            raise ValueError("give either prompt or prompt_embeds (one of them, not both)")
+            raise InputError("give either prompt or prompt_embeds (one of them, not both)")
         if req.negative_prompt is not None and req.negative_prompt_embeds is not None:
-            raise ValueError("give either negative_prompt or negative_prompt_embeds, not both")
+            raise InputError("give either negative_prompt or negative_prompt_embeds, not both")
         pooled = self.family.text_encoders == 2
         for embeds, pooled_embeds, name in ((req.prompt_embeds, req.pooled_prompt_embeds, "prompt_embeds"),
                                             (req.negative_prompt_embeds, req.negative_pooled_prompt_embeds,
@@ -512,12 +549,13 @@ class Pipeline:
             if embeds is None:
                 continue
             if pooled and pooled_embeds is None:
-                raise ValueError(f"SDXL needs {name.replace('prompt', 'pooled_prompt', 1)} with {name}")
-            if embeds.ndim != 3:
-                raise ValueError(f"{name} must be (batch, tokens, width), got shape {tuple(embeds.shape)}")
+                raise InputError(f"SDXL needs {name.replace('prompt', 'pooled_prompt', 1)} with {name}")
+            checks.tensor(embeds, name, "(batch, tokens, width)")
+            if pooled_embeds is not None:
+                checks.tensor(pooled_embeds, name.replace("prompt", "pooled_prompt", 1), "(batch, width)")
         if (req.negative_prompt_embeds is not None and req.prompt_embeds is not None
                 and req.negative_prompt_embeds.shape != req.prompt_embeds.shape):
-            raise ValueError(f"negative_prompt_embeds {tuple(req.negative_prompt_embeds.shape)} must have "
+            raise InputError(f"negative_prompt_embeds {tuple(req.negative_prompt_embeds.shape)} must have "
                              f"prompt_embeds' shape {tuple(req.prompt_embeds.shape)}")
 
     def _check_picture_options(self, task: str, req: Request) -> None:
@@ -526,12 +564,12 @@ class Pipeline:
                                      ("padding_mask_crop", req.padding_mask_crop is not None),
                                      ("masked_latents_blend", req.masked_latents_blend)] if v]
         if used and task != "inpaint":
-            raise ValueError(f"{', '.join(used)} need(s) an image and a mask_image (inpainting)")
+            raise InputError(f"{', '.join(used)} need(s) an image and a mask_image (inpainting)")
         if (req.preserve_unmasked or req.padding_mask_crop is not None) and req.output_type == "latent":
-            raise ValueError("preserve_unmasked and padding_mask_crop paste pixels back: use output_type "
+            raise InputError("preserve_unmasked and padding_mask_crop paste pixels back: use output_type "
                              "'pil' or 'np', not 'latent'")
-        if not isinstance(req.mask_blur, (int, float)) or req.mask_blur < 0:
-            raise ValueError(f"mask_blur must be a number ≥ 0 (px), got {req.mask_blur!r}")
+        checks.number(req.mask_blur, "mask_blur", low=0)
+        checks.number(req.mask_grow, "mask_grow", integer=True)
 
 
 def _time_ids(task, size, original_size, crops, target_size, neg_original_size, neg_crops, neg_target_size):
@@ -547,6 +585,13 @@ def _time_ids(task, size, original_size, crops, target_size, neg_original_size, 
     return [[*(neg_original_size or original_size), *crops, *(neg_target_size or target_size)], positive]
 
 
+def _check_generator(generator) -> None:
+    items = generator if isinstance(generator, (list, tuple)) else [generator]
+    if generator is not None and not all(isinstance(g, torch.Generator) for g in items):
+        raise InputError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(42)) or a list "
+                         f"of them, got {type(generator).__name__}")
+
+
 def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -556,7 +601,7 @@ def _as_prompts(prompt: str | Sequence[str], name: str) -> list[str]:
         return [prompt]
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
         return list(prompt)
-    raise TypeError(f"`{name}` must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+    raise InputError(f"`{name}` must be a string or a non-empty list of strings, got {type(prompt).__name__}")
 
 
 def _matching(prompt: str | Sequence[str], prompts: list[str], name: str) -> list[str]:
@@ -565,13 +610,13 @@ def _matching(prompt: str | Sequence[str], prompts: list[str], name: str) -> lis
     if len(items) == 1:
         items = items * len(prompts)
     if len(items) != len(prompts):
-        raise ValueError(f"{len(items)} {name}s for {len(prompts)} prompts: give one per prompt")
+        raise InputError(f"{len(items)} {name}s for {len(prompts)} prompts: give one per prompt")
     return items
 
 
 def _expand(x: torch.Tensor, batch: int) -> torch.Tensor:
     """Tile per-image tensors to the batch (prompts × images per prompt), as diffusers does."""
     if batch % x.shape[0]:
-        raise ValueError(f"{x.shape[0]} images or masks cannot be spread over {batch} outputs: give one, or one "
+        raise InputError(f"{x.shape[0]} images or masks cannot be spread over {batch} outputs: give one, or one "
                          "per prompt")
     return x.repeat(batch // x.shape[0], 1, 1, 1)

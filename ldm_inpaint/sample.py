@@ -15,11 +15,25 @@ import sys
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-inpainting"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+LARGE_INPUT = 2_000_000  # pixels; above this, and with no size or crop given, the cost is said up front
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one `error: …` line (exit 2) like every other bad input, not usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: …)" only where the help text does not already say what the default is."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ldm_inpaint.sample", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m ldm_inpaint.sample", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers-layout folder or hub repo id (owner/name[@rev])")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)
@@ -29,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mask", default=None, help="white = repaint, black = keep; without it: the image's transparent "
                    "pixels if it has an alpha channel, else img2img")
     p.add_argument("--out", default="out.png", help="output PNG; several images become out_0.png, out_1.png, …")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files (atomically)")
     p.add_argument("--steps", type=int, default=50, help="num_inference_steps")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="default 7.5 (SDXL text-to-image and img2img: 5.0)")
@@ -60,51 +75,92 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--conventions", choices=("diffusers", "original"), default="diffusers",
                    help="'original': the release code's (ldm / sgm) numerics where diffusers differs (docs/parity.md)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p.parse_args(argv)
 
 
 def parse_sides(text: str) -> dict[str, int]:
     """"LEFT,TOP,RIGHT,BOTTOM" → outpaint()'s keyword arguments."""
+    from .checks import InputError
+
     parts = text.split(",")
     if len(parts) != 4 or not all(p.strip().lstrip("-").isdigit() for p in parts):
-        raise ValueError(f"--outpaint {text!r}: give four whole numbers of pixels, LEFT,TOP,RIGHT,BOTTOM")
+        raise InputError(f"--outpaint {text!r}: give four whole numbers of pixels, LEFT,TOP,RIGHT,BOTTOM")
     return dict(zip(("left", "top", "right", "bottom"), (int(p) for p in parts)))
 
 
-def output_paths(out: str, n: int) -> list[str]:
+def output_paths(out: str, n: int, overwrite: bool) -> list[str]:
+    """The PNG files a run will write, checked before anything is loaded (outputs.check_writable)."""
+    from .checks import InputError
+    from .outputs import check_writable
+
     stem, ext = os.path.splitext(out)
     if ext.lower() != ".png":
-        raise ValueError(f"--out {out!r}: the output must be a .png file")
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise ValueError(f"--out {out!r}: folder {folder} does not exist; create it first")
-    return [out] if n == 1 else [f"{stem}_{i}{ext}" for i in range(n)]
+        raise InputError(f"--out {out!r}: the output must be a .png file")
+    paths = [out] if n == 1 else [f"{stem}_{i}{ext}" for i in range(n)]
+    check_writable(paths, overwrite)
+    return paths
+
+
+def _weights_bytes(model: str) -> int:
+    """The largest weight file of a local model (the pipeline holds one stage's weights at a time); 0 for a hub
+    id, whose files are not known before it is resolved."""
+    if os.path.isfile(model):
+        return os.path.getsize(model)
+    sizes = [os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(model) for f in files
+             if f.endswith((".safetensors", ".bin"))] if os.path.isdir(model) else []
+    return max(sizes, default=0)
+
+
+def _check_size(args, image, dtype) -> None:
+    """Refuse a run that cannot fit in memory, and say what a large photo will cost, before loading."""
+    from .checks import check_memory, memory_needed
+
+    if args.crop_to_mask is not None and (args.height is None or args.width is None):
+        return  # the crop's size is the model's, known once it is loaded (the pipeline checks it then)
+    if image is None and (args.height is None or args.width is None):
+        return
+    height = args.height or image.height
+    width = args.width or image.width
+    check_memory(height, width, args.num_images, dtype, _weights_bytes(args.model))
+    if args.height is None and args.width is None and args.crop_to_mask is None and height * width > LARGE_INPUT:
+        need = memory_needed(height, width, args.num_images, dtype) / 2**30
+        print(f"note: the model works at the input's size, {width}x{height} ({height * width / 1e6:.1f} MP): "
+              f"about {need:.1f} GiB for decoding and {height * width / 512**2:.0f}x the time of 512x512; "
+              "--crop-to-mask 32 inpaints only around the mask, --height/--width set a smaller size",
+              file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> list[str]:
     import torch
 
-    from . import load_pipeline, outpaint
+    from . import checks, load_pipeline, outpaint
+    from .checks import InputError
     from .image import load_image
-    from .outputs import save_png
     from .inpaint import extend_canvas, has_alpha, mask_from_alpha
+    from .outputs import check_writable, save_png
 
-    # fail before minutes of loading, not after
-    paths = output_paths(args.out, args.num_images)
+    # everything that can be checked is checked before minutes of loading, not after
+    device = checks.device(args.device)
+    dtype = getattr(torch, DTYPES[args.dtype])
+    checks.number(args.num_images, "--num-images", integer=True, low=1)
     image = load_image(args.image) if args.image else None
     mask = load_image(args.mask) if args.mask else None
     sides = parse_sides(args.outpaint) if args.outpaint else None
     if sides is not None:
         if image is None or mask is not None:
-            raise ValueError("--outpaint needs --image and makes its own mask: leave out --mask")
-        extend_canvas(image, **sides)  # checks the sizes
+            raise InputError("--outpaint needs --image and makes its own mask: leave out --mask")
+        canvas, _ = extend_canvas(image, **sides)  # checks the sides
     elif mask is None and image is not None and has_alpha(image):
         mask = mask_from_alpha(image)  # transparent = repaint; an image with no transparent pixel is an error
         image = image.convert("RGB")  # its colours are what is kept; a transparent pixel resized would darken
+    _check_size(args, canvas if sides is not None else image, dtype)
+    paths = output_paths(args.out, args.num_images, args.overwrite)
+    if args.attention_maps is not None:
+        check_writable([os.path.join(args.attention_maps, "x.png")], overwrite=True, flag="--attention-maps")
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed
-    pipe = load_pipeline(args.model, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
+    pipe = load_pipeline(args.model, dtype=dtype, device=device)
     scheduler = args.scheduler or pipe.scheduler_config.get("_class_name", "")  # for the PNG: what ran
     kwargs = dict(negative_prompt=args.negative_prompt, prompt_2=args.prompt_2,
                   negative_prompt_2=args.negative_prompt_2, num_inference_steps=args.steps,
@@ -132,7 +188,11 @@ def run(args: argparse.Namespace) -> list[str]:
     if args.conventions != "diffusers":
         parameters["conventions"] = args.conventions
     for i, (img, path) in enumerate(zip(out.images, paths)):
-        save_png(img, path, {**parameters, "batch_index": i})
+        try:
+            save_png(img, path, {**parameters, "batch_index": i})
+        except OSError as e:  # a full disk: say what is there, so nothing is silently half done
+            written = f"; written: {', '.join(paths[:i])}" if i else ""
+            raise OSError(f"writing {path}: {e.strerror or e}{written}") from e
     if args.attention_maps is not None:
         from .attention_maps import save_token_maps, token_labels
 
@@ -144,16 +204,17 @@ def run(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from weights_convert.common import CheckpointError
-
     try:
+        from .outputs import handle_sigterm  # imports torch: inside the try, so Ctrl-C while starting is one line
+
+        handle_sigterm()  # a kill unwinds like Ctrl-C: temporaries are removed, one line is printed
+        args = parse_args(argv)
         paths = run(args)
-    except (ValueError, TypeError, FileNotFoundError, CheckpointError, OSError) as e:
+    except (ValueError, TypeError, OSError, FloatingPointError) as e:  # InputError is a ValueError and a TypeError
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, no traceback
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted; no partial output was left", file=sys.stderr)
         return 130
     print("\n".join(paths))
     return 0

@@ -102,6 +102,10 @@ def sample(unet, latents: torch.Tensor, cond: Conditioning, scheduler, generator
         prediction = guide(model_output, cond)
         x0 = scheduler.predicted_x0(prediction, i, latents)
         latents = scheduler.step(prediction, i, latents, generator=generator)
+        if not torch.isfinite(latents).all():  # else the run goes on and decodes a black picture
+            raise FloatingPointError(
+                f"step {i + 1} of {len(scheduler.timesteps)} (t={int(t)}) gave NaN or infinite latents: the weights "
+                "may hold NaN/inf values (check the checkpoint), or fp16 overflowed (use bf16 or fp32)")
         step = Step(i, t, blend_known(latents, cond, scheduler, i), x0, model_output)
         yield step
         latents = step.latents

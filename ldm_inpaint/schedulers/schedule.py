@@ -69,7 +69,7 @@ class SchedulerConfig:
             if key in IGNORED_KEYS or key in fields:
                 continue
             if key not in NEUTRAL_VALUES:
-                raise ValueError(f"unknown scheduler config key {key!r} (value {value!r})")
+                raise ValueError(f"unknown scheduler config key {key!r}")
             if value not in NEUTRAL_VALUES[key]:
                 raise ValueError(
                     f"scheduler config {key}={value!r} is not supported; supported: {NEUTRAL_VALUES[key]!r}"
@@ -78,6 +78,11 @@ class SchedulerConfig:
         if kwargs.get("trained_betas") is not None:
             kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
         return cls(**kwargs, conventions=conventions)
+
+    @classmethod
+    def keys(cls) -> set[str]:
+        """Every key a scheduler_config.json (or a keyword override) may hold."""
+        return {f.name for f in dataclasses.fields(cls)} - {"conventions"} | IGNORED_KEYS | set(NEUTRAL_VALUES)
 
     def __post_init__(self) -> None:
         choices = {
