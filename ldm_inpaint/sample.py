@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance-rescale", type=float, default=0.0)
     p.add_argument("--strength", type=float, default=None,
                    help="default 1.0 for inpainting (SDXL 0.9999), 0.8 for img2img (SDXL 0.3)")
-    p.add_argument("--seed", type=int, default=None, help="default: a random seed, printed and stored in the PNG")
+    p.add_argument("--seed", type=int, default=None, help="default (or -1): a random seed, stored in the PNG")
     p.add_argument("--scheduler", default=None, help="a name from ldm_inpaint.schedulers.available(); "
                                                       "default: the checkpoint's own")
     p.add_argument("--num-images", type=int, default=1, help="num_images_per_prompt")
@@ -117,19 +117,19 @@ def _check_size(args, image, dtype) -> None:
     """Refuse a run that cannot fit in memory, and say what a large photo will cost, before loading."""
     from .checks import check_memory, memory_needed
 
-    if args.crop_to_mask is not None and (args.height is None or args.width is None):
-        return  # the crop's size is the model's, known once it is loaded (the pipeline checks it then)
-    if image is None and (args.height is None or args.width is None):
-        return
-    height = args.height or image.height
-    width = args.width or image.width
-    check_memory(height, width, args.num_images, dtype, _weights_bytes(args.model))
+    if image is None or args.crop_to_mask is not None:
+        # the size is the model's, known once it is loaded (the pipeline checks it then); 8 px is a lower bound
+        # that already refuses an absurd --num-images before a billion file names are made
+        height, width = args.height or 8, args.width or 8
+    else:
+        height, width = args.height or image.height, args.width or image.width
     if args.height is None and args.width is None and args.crop_to_mask is None and height * width > LARGE_INPUT:
         need = memory_needed(height, width, args.num_images, dtype) / 2**30
         print(f"note: the model works at the input's size, {width}x{height} ({height * width / 1e6:.1f} MP): "
               f"about {need:.1f} GiB for decoding and {height * width / 512**2:.0f}x the time of 512x512; "
               "--crop-to-mask 32 inpaints only around the mask, --height/--width set a smaller size",
               file=sys.stderr)
+    check_memory(height, width, args.num_images, dtype, _weights_bytes(args.model))
 
 
 def run(args: argparse.Namespace) -> list[str]:
@@ -157,9 +157,14 @@ def run(args: argparse.Namespace) -> list[str]:
         image = image.convert("RGB")  # its colours are what is kept; a transparent pixel resized would darken
     _check_size(args, canvas if sides is not None else image, dtype)
     paths = output_paths(args.out, args.num_images, args.overwrite)
-    if args.attention_maps is not None:
-        check_writable([os.path.join(args.attention_maps, "x.png")], overwrite=True, flag="--attention-maps")
-    seed = secrets.randbelow(2**31) if args.seed is None else args.seed
+    if args.attention_maps is not None:  # the folder is made if missing: the nearest one that exists must be writable
+        folder = os.path.abspath(args.attention_maps)
+        while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+            folder = os.path.dirname(folder)
+        check_writable([os.path.join(folder, "map.png")], overwrite=True, flag="--attention-maps")
+    random_seed = args.seed is None or args.seed == -1
+    seed = secrets.randbelow(2**31) if random_seed else checks.number(args.seed, "--seed", integer=True, low=0,
+                                                                      high=2**64 - 1)
     pipe = load_pipeline(args.model, dtype=dtype, device=device)
     scheduler = args.scheduler or pipe.scheduler_config.get("_class_name", "")  # for the PNG: what ran
     kwargs = dict(negative_prompt=args.negative_prompt, prompt_2=args.prompt_2,
