@@ -191,22 +191,23 @@ class Pipeline:
         return next(self.vae.parameters()).dtype
 
     # -- models -------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def encode_prompt(self, prompts: list[str], prompts_2: list[str] | None = None, clip_skip: int | None = None,
-                      conventions: str = "diffusers") -> tuple[torch.Tensor, torch.Tensor | None]:
+                      conventions: str = "diffusers", grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompts → (context (B, 77, D), pooled (B, P) or None), as diffusers conditions each family: the
         family's text layer (SD 1.x the last, through the final LayerNorm; SDXL the penultimate of both
         encoders, not normed, concatenated to 768 + 1280 wide), or clip_skip layers earlier; pooled = encoder
-        2's projected EOS token. conventions="original": the release code's tokenizer ids (tokenizer.py)."""
-        layer, norm = self.family.text_layer - (clip_skip or 0), self.family.text_final_norm
-        ids = tokenize(self.tokenizer, prompts, conventions).to(_device_of(self.text_encoder))
-        hidden = self.text_encoder(ids, hidden_layer=layer, final_norm=norm).hidden
-        if self.text_encoder_2 is None:
-            return hidden.to(self.device, self.dtype), None
-        ids_2 = tokenize(self.tokenizer_2, prompts_2 or prompts, conventions).to(_device_of(self.text_encoder_2))
-        out_2 = self.text_encoder_2(ids_2, hidden_layer=layer, final_norm=norm, pooled=True)
-        context = torch.cat([hidden.to(out_2.hidden.device), out_2.hidden], dim=-1)
-        return context.to(self.device, self.dtype), out_2.pooled.to(self.device, self.dtype)
+        2's projected EOS token. conventions="original": the release code's tokenizer ids (tokenizer.py).
+        grad=True keeps the autograd graph (training the text encoders)."""
+        with torch.set_grad_enabled(grad):
+            layer, norm = self.family.text_layer - (clip_skip or 0), self.family.text_final_norm
+            ids = tokenize(self.tokenizer, prompts, conventions).to(_device_of(self.text_encoder))
+            hidden = self.text_encoder(ids, hidden_layer=layer, final_norm=norm).hidden
+            if self.text_encoder_2 is None:
+                return hidden.to(self.device, self.dtype), None
+            ids_2 = tokenize(self.tokenizer_2, prompts_2 or prompts, conventions).to(_device_of(self.text_encoder_2))
+            out_2 = self.text_encoder_2(ids_2, hidden_layer=layer, final_norm=norm, pooled=True)
+            context = torch.cat([hidden.to(out_2.hidden.device), out_2.hidden], dim=-1)
+            return context.to(self.device, self.dtype), out_2.pooled.to(self.device, self.dtype)
 
     @torch.no_grad()
     def encode_image(self, x: torch.Tensor, generator: Generator, sample: bool = True) -> torch.Tensor:
