@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -19,18 +20,16 @@ import weights_convert.clip as clip_keys
 import weights_convert.single_file as single_file
 import weights_convert.unet as unet_keys
 import weights_convert.vae as vae_keys
-from weights_convert.common import load_into
+from weights_convert.common import CheckpointError, load_into
+from weights_convert.single_file import TOKENIZER_PADS, model_config, packaged_tokenizer_warning
 
 from .family import SD15, SDXL
-from .hub import resolve
-from .models.clip import CLIPTextConfig, CLIPTextModel
-from .models.unet import UNet, UNetConfig
-from .models.vae import AutoencoderKL, VAEConfig
+from .hub import CHECKPOINT_SUFFIXES, resolve
+from .models.clip import CLIPTextModel
+from .models.unet import UNet
+from .models.vae import AutoencoderKL
 from .pipeline import Pipeline
-from .tokenizer import EOS_TOKEN, CLIPTokenizer, load_tokenizer
-
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-TOKENIZER_PADS = {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"}  # OpenCLIP's tokenizer pads with "!" (id 0)
+from .tokenizer import CLIPTokenizer, load_tokenizer
 
 
 def _build(model_cls, cfg, tensors, key_map, what, dtype, device, ignore=()) -> nn.Module:
@@ -46,12 +45,12 @@ def _build(model_cls, cfg, tensors, key_map, what, dtype, device, ignore=()) -> 
 
 
 def build_unet(config: dict, tensors: Mapping[str, torch.Tensor], dtype, device) -> UNet:
-    cfg = UNetConfig.from_diffusers(config)
+    cfg = model_config("unet", config)
     return _build(UNet, cfg, tensors, unet_keys.diffusers_keys(cfg), "UNet", dtype, device)
 
 
 def build_vae(config: dict, tensors: Mapping[str, torch.Tensor], dtype, device) -> AutoencoderKL:
-    cfg = VAEConfig.from_diffusers(config)
+    cfg = model_config("vae", config)
     tensors = vae_keys.rename_legacy_attention(tensors)
     return _build(AutoencoderKL, cfg, tensors, vae_keys.diffusers_keys(cfg), "VAE", dtype, device)
 
@@ -59,18 +58,29 @@ def build_vae(config: dict, tensors: Mapping[str, torch.Tensor], dtype, device) 
 def build_text_encoder(config: dict, tensors: Mapping[str, torch.Tensor], dtype, device,
                        component: str = "text_encoder") -> CLIPTextModel:
     # SDXL's second encoder (OpenCLIP ViT-bigG) carries the projection that makes its pooled output
-    cfg = CLIPTextConfig.from_diffusers(config, with_projection=component == "text_encoder_2")
+    cfg = model_config(component, config)
     key_map = clip_keys.diffusers_keys(cfg, clip_keys.diffusers_prefix(tensors))
     return _build(CLIPTextModel, cfg, tensors, key_map, component.replace("_", " "), dtype, device,
                   ignore=clip_keys.DIFFUSERS_IGNORE)
 
 
 def _tokenizers(folder: str | None, names) -> dict:
-    """The folder's tokenizers, or — for a single file, which holds none — ones made from the CLIP BPE
-    vocabulary that ships with the package (the same for CLIP ViT-L and OpenCLIP ViT-bigG)."""
-    if folder is not None and all(os.path.isdir(os.path.join(folder, n)) for n in names):
-        return {n: load_tokenizer(os.path.join(folder, n)) for n in names}
-    return {n: CLIPTokenizer.from_packaged(TOKENIZER_PADS[n]) for n in names}
+    """The folder's tokenizers, or — for a single file, which holds none, or a folder lacking one, with a
+    warning — ones made from the CLIP BPE vocabulary that ships with the package (the same for CLIP ViT-L and
+    OpenCLIP ViT-bigG)."""
+    out = {}
+    for name in names:
+        path = None if folder is None else os.path.join(folder, name)
+        if path is not None and os.path.isdir(path):
+            try:
+                out[name] = load_tokenizer(path)
+            except (ValueError, KeyError, TypeError, OSError) as e:  # the folder's files, not our code
+                raise CheckpointError(f"{path}: not a usable CLIP tokenizer folder ({type(e).__name__}: {e})") from e
+            continue
+        if folder is not None:
+            packaged_tokenizer_warning(folder, name)
+        out[name] = CLIPTokenizer.from_packaged(TOKENIZER_PADS[name])
+    return out
 
 
 def load_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -94,7 +104,7 @@ def load_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float32, 
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
     hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-    if os.path.isfile(model) and os.fspath(model).endswith(SINGLE_FILE_SUFFIXES):
+    if os.path.isfile(model) and os.fspath(model).endswith(CHECKPOINT_SUFFIXES):
         config_folder = None if config is None else resolve(config, **hub)
         sf = single_file.read(model, config=config_folder, ema=use_ema)
         configs, tensors, index, tokenizer_folder = sf.configs, sf.tensors, sf.model_index, config_folder
@@ -103,14 +113,14 @@ def load_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float32, 
     else:
         folder = resolve(model, variant=variant, **hub)
         configs, tensors = single_file.read_folder(folder, variant)
-        index, tokenizer_folder = single_file.folder_configs(folder, "text_encoder_2" in configs)[1], folder
+        index, tokenizer_folder = single_file.read_model_index(Path(folder, "model_index.json")), folder
 
     family = SDXL if "text_encoder_2" in configs else SD15
     if family.zero_negatives:  # a repo may turn SDXL's zero negative embeddings off in model_index.json
         family = dataclasses.replace(family, zero_negatives=index.get("force_zeros_for_empty_prompt", True))
     # the SDXL 1.0 VAE overflows in half precision (its config says force_upcast); diffusers upcasts it for
     # every encode and decode, here it is simply loaded in fp32 once
-    upcast = family.vae_upcast and VAEConfig.from_diffusers(configs["vae"]).force_upcast
+    upcast = family.vae_upcast and model_config("vae", configs["vae"]).force_upcast
     two = family.text_encoders == 2
     tokenizers = _tokenizers(tokenizer_folder, ("tokenizer", "tokenizer_2") if two else ("tokenizer",))
     return Pipeline(

@@ -6,30 +6,39 @@
 
 A folder written here loads with `diffusers.DiffusionPipeline.from_pretrained` and with `ldm_inpaint`; a single
 file written here loads with diffusers' `from_single_file`. Outputs are written next to DST under a temporary
-name and renamed at the end, so a failed run leaves nothing behind. Errors print one line and exit with 2.
+name and renamed at the end, so a failed or interrupted run (an error, a full disk, Ctrl-C, SIGTERM) leaves
+nothing behind. Errors print one line and exit with 2; an interruption prints "interrupted" and exits with 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Mapping
 
-import torch
+try:  # most of the start-up time (torch): Ctrl-C here is one line too, not the import machinery's traceback
+    import torch
 
-from ldm_inpaint.family import family_of_config, variant
-from ldm_inpaint.tokenizer import EOS_TOKEN, write_tokenizer_folder
-from weights_convert import single_file
-from weights_convert.common import WEIGHT_FILES, CheckpointError
+    from ldm_inpaint.checks import InputError
+    from ldm_inpaint.family import family_of_config, variant
+    from ldm_inpaint.outputs import handle_sigterm
+    from ldm_inpaint.tokenizer import write_tokenizer_folder
+    from weights_convert import single_file
+    from weights_convert.common import WEIGHT_FILES, CheckpointError
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# pad token of each tokenizer folder: CLIP ViT-L/14 pads with <|endoftext|>, OpenCLIP bigG with "!" (id 0)
-TOKENIZERS = {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"}
 # model_index entries of components this converter does not write (a single file holds none of them)
 NOT_WRITTEN = ("safety_checker", "feature_extractor", "image_encoder")
 
@@ -71,30 +80,51 @@ def write_folder(sf: single_file.SingleFile, dst: Path, dtype: torch.dtype | Non
     for component, tensors in sf.tensors.items():
         _write_json(dst / component / "config.json", sf.configs[component])
         _save(tensors, dst / component / WEIGHT_FILES[component][0], dtype)
-    for name, pad in TOKENIZERS.items():
+    for name, pad in single_file.TOKENIZER_PADS.items():
         if name == "tokenizer_2" and "text_encoder_2" not in sf.tensors:
             continue
         if tokenizers_from is not None and (tokenizers_from / name).is_dir():
             shutil.copytree(tokenizers_from / name, dst / name)
         else:
+            if tokenizers_from is not None:
+                single_file.packaged_tokenizer_warning(tokenizers_from, name)
             write_tokenizer_folder(dst / name, pad_token=pad)
 
 
 def _atomic(dst: Path, write) -> None:
-    """Run `write(tmp)` on a temporary path beside `dst`, then rename it to `dst`; on error remove it."""
+    """Run `write(tmp)` on a temporary path beside `dst`, then rename it to `dst`. The temporary is removed on
+    any error, Ctrl-C or SIGTERM (see `main`); a failed write (a full disk) is one line naming `dst`."""
     if dst.exists():
         raise CheckpointError(f"{dst} already exists; choose a new destination")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    from safetensors import SafetensorError
+
+    tmp = None
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
         if dst.suffix == ".safetensors":
             write(tmp / dst.name)
             os.replace(tmp / dst.name, dst)
         else:
             write(tmp / "out")
             os.rename(tmp / "out", dst)
+    except (OSError, SafetensorError) as e:
+        raise InputError(f"cannot write {dst}: {_write_failure(e)}") from e
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_failure(e: Exception) -> str:
+    """What went wrong writing, and what to do. safetensors reports OS errors inside its own message
+    ("… I/O error: No space left on device (os error 28)")."""
+    code = getattr(e, "errno", None)
+    if code is None and (m := re.search(r"\(os error (\d+)\)", str(e))):
+        code = int(m[1])
+    if code == errno.ENOSPC:
+        return "no space left on device; free some space or choose a destination on another disk"
+    reason = os.strerror(code) if code else str(e)
+    return f"{reason[:1].lower()}{reason[1:]}; choose another destination"
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None, ema: bool = False,
@@ -121,6 +151,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
+    handle_sigterm()  # SIGTERM unwinds like Ctrl-C, so the temporary output is removed
     parser = argparse.ArgumentParser(
         prog="python -m weights_convert", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Convert an original single-file SD 1.x / SDXL checkpoint (.safetensors or .ckpt, CompVis ldm / "
@@ -136,9 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(convert(args.src, args.dst, dtype=args.dtype, ema=args.ema, config=args.config))
-    except (CheckpointError, ValueError, OSError, KeyError) as e:
+    except (ValueError, OSError) as e:  # InputError and CheckpointError are ValueErrors
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (outputs.Terminated)
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -136,8 +136,10 @@ def _layer_leaf(native_key: str) -> str:
 def openclip_to_native(native_key: str, tensor: torch.Tensor) -> torch.Tensor:
     """The native tensor `native_key` from the OpenCLIP tensor `openclip_keys` names for it: a third of the
     fused in_proj for q/k/v (a view), the transposed text projection, else the tensor itself."""
+    if tensor.dim() == 0:  # left to the shape check, which names it
+        return tensor
     if native_key == OPENCLIP_TRANSPOSED:
-        return tensor.T.contiguous()
+        return tensor.T.contiguous() if tensor.dim() == 2 else tensor
     part = OPENCLIP_QKV_PART.get(_layer_leaf(native_key))
     if part is not None:
         if tensor.shape[0] % 3:

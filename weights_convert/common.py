@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -13,9 +13,40 @@ from torch import nn
 from ldm_inpaint.checks import InputError
 from ldm_inpaint.memory import drop_file_pages
 
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable  # Python ≥ 3.11; annotations only
+
 
 class CheckpointError(InputError):
     """A checkpoint that does not fit the model; the message says what to do."""
+
+
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
+
+
+def read_json(path: Path | Traversable) -> dict:
+    """A JSON object file: a component's config.json, model_index.json, scheduler_config.json, a shard index.
+    The one reader of checkpoint JSON: a missing, unreadable or malformed file, or one holding anything but
+    an object, is a CheckpointError naming the file and what is wrong with it."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                              f"is it complete? fix or re-download it") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds {_JSON_TYPES.get(type(obj), type(obj).__name__)}, expected a JSON "
+                              f"object {{\"key\": value, …}}")
+    return obj
+
+
+def _is_zip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"  # a zip's first local file header: torch.save since torch 1.6
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -23,25 +54,31 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            return load_file(path)
-        except SafetensorError as e:  # truncated, empty, or not a safetensors file at all
-            raise CheckpointError(f"{path}: not a readable .safetensors file ({e}); is it complete?") from e
     try:
-        # weights_only: a pickle can run code when unpickled; this refuses anything but tensors and containers.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure gets the same advice
-        raise CheckpointError(
-            f"{path}: cannot be read as a weights-only PyTorch checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); convert it to .safetensors") from e
+        if path.endswith(".safetensors"):
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+            try:
+                return load_file(path)
+            except SafetensorError as e:  # truncated, empty, or not a safetensors file at all
+                raise CheckpointError(f"{path}: not a readable .safetensors file ({e}); is it complete?") from e
+        # the legacy (pre-1.6, non-zip) torch.save format cannot be memory-mapped: it is read into memory
+        mmap = _is_zip(path)
+        try:
+            # weights_only: a pickle can run code when unpickled; this refuses anything but tensors and containers.
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure gets the same advice
+            legacy = "" if mmap else " (a legacy pre-1.6 torch.save file, or not a PyTorch file)"
+            raise CheckpointError(
+                f"{path}: cannot be read as a weights-only PyTorch checkpoint{legacy} ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); convert it to .safetensors") from e
+    except OSError as e:  # unreadable: permissions, an I/O error
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from e
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
 # weight file of each component of a diffusers-layout folder, in order of preference (safetensors first)
@@ -66,11 +103,25 @@ def read_component(folder: str | os.PathLike, component: str, variant: str | Non
         index = Path(f"{path}.index.json")
         if index.is_file():
             tensors = {}
-            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                tensors.update(read_tensors(Path(folder, component, shard)))
+            for shard in _shards(index):
+                tensors.update(read_tensors(shard))
             return tensors
     raise CheckpointError(f"{Path(folder, component)}: no weights file ({' or '.join(WEIGHT_FILES[component])}"
                           f"{f', variant {variant}' if variant else ''})")
+
+
+def _shards(index: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's `.index.json` names in its `weight_map` ({tensor: file}): plain
+    file names beside the index, never a path elsewhere (`../../x`, `/abs/x`)."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: no \"weight_map\" object ({{tensor name: shard file}})")
+    shards = set(weight_map.values())
+    for shard in shards:
+        if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard:
+            raise CheckpointError(f"{index}: weight_map names shard {shard!r}, not a file name in {index.parent}; "
+                                  f"shards must lie beside their index")
+    return [index.parent / shard for shard in sorted(shards)]
 
 
 def _fit(native_shape: torch.Size, tensor: torch.Tensor) -> torch.Tensor | None:
@@ -111,6 +162,9 @@ def load_into(model: nn.Module, tensors: Mapping[str, torch.Tensor], key_map: Ma
     for k, param in native.items():
         src = key_map[k]
         if src not in tensors:
+            continue
+        if param.is_floating_point() and not tensors[src].is_floating_point():
+            problems.append(f"{src} holds {tensors[src].dtype} values where a floating-point weight belongs")
             continue
         t = _fit(param.shape, tensors[src])
         if t is None:

@@ -20,9 +20,9 @@ split in thirds and its `x @ P` text projection is transposed into a Linear weig
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -33,11 +33,13 @@ import torch
 import weights_convert.clip as clip_keys
 import weights_convert.unet as unet_keys
 import weights_convert.vae as vae_keys
+from ldm_inpaint.checks import InputError, number
 from ldm_inpaint.family import SD15, SDXL, family_of_config
 from ldm_inpaint.models.clip import CLIPTextConfig, CLIPTextModel
 from ldm_inpaint.models.unet import UNet, UNetConfig
 from ldm_inpaint.models.vae import AutoencoderKL, VAEConfig
-from weights_convert.common import CheckpointError, load_into, read_component, read_tensors
+from ldm_inpaint.tokenizer import EOS_TOKEN
+from weights_convert.common import CheckpointError, load_into, read_component, read_json, read_tensors
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable  # Python ≥ 3.11; annotations only
@@ -60,6 +62,8 @@ IGNORE = (
     *(clip_keys.OPENCLIP_PREFIX + k for k in clip_keys.OPENCLIP_IGNORE),  # logit_scale
 )
 EMA_PREFIX = "model_ema."
+# pad token of each tokenizer folder: CLIP ViT-L/14 pads with <|endoftext|>, OpenCLIP bigG with "!" (id 0)
+TOKENIZER_PADS = {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"}
 
 
 
@@ -116,7 +120,7 @@ def detect(tensors: Mapping[str, torch.Tensor], name: str = "checkpoint") -> str
     xl = _has(keys, clip_keys.OPENCLIP_PREFIX)
     # other widths than SD 1.x's 768 and SDXL's 2048 are left to the config's shape check (tiny test models)
     context = {tuple(t.shape)[1] for k, t in tensors.items()
-               if k.startswith(unet) and k.endswith("attn2.to_k.weight")}
+               if k.startswith(unet) and k.endswith("attn2.to_k.weight") and t.dim() == 2}
     if not xl and context == {1024}:
         raise refuse("is an SD 2.x checkpoint (1024-wide cross-attention context)")
     clip_l = clip_keys.SGM_CLIP_L_PREFIX if xl else clip_keys.LDM_PREFIX
@@ -135,46 +139,122 @@ def detect(tensors: Mapping[str, torch.Tensor], name: str = "checkpoint") -> str
 
 # --- configs ---
 
-def _read_json(path: Path | Traversable) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    return json.loads(path.read_text(encoding="utf-8"))
+# Config fields checked before any model is built (a negative width would fail deep inside torch, or build a
+# model no file fits): sizes and counts are positive ints (per level: a list of them), epsilons and scales positive
+# numbers, block types lists of names. The models' `from_diffusers` check the rest: supported types, divisibility.
+_CHECKED = {  # model: (positive ints, positive reals)
+    "unet": (("in_channels", "out_channels", "block_out_channels", "layers_per_block", "attention_head_dim",
+              "transformer_layers_per_block", "cross_attention_dim", "norm_num_groups", "addition_time_embed_dim",
+              "projection_class_embeddings_input_dim", "sample_size"), ("norm_eps",)),
+    "vae": (("in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
+             "norm_num_groups", "sample_size"), ("scaling_factor",)),
+    "text_encoder": (("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                      "max_position_embeddings", "projection_dim"), ("layer_norm_eps",)),
+}
+_BLOCK_TYPES = ("down_block_types", "up_block_types")
+
+
+def model_config(component: str, config: Mapping, source: str | os.PathLike | Traversable | None = None):
+    """The model config (UNetConfig, VAEConfig, CLIPTextConfig) of a component ("unet", "vae", "text_encoder",
+    "text_encoder_2") from its diffusers config dict. The one check of model configs: a value no model can be
+    built from is a CheckpointError naming `source` (the file; default "<component> config") and the key."""
+    kind = "text_encoder" if component.startswith("text_encoder") else component
+    ints, reals = _CHECKED[kind]
+
+    def values(key: str):  # (name, value) of a field: one, or one per level
+        value = config.get(key)
+        if isinstance(value, (list, tuple)):
+            return [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        return [(key, value)] if value is not None else []
+
+    try:
+        for key in ints:
+            for name, v in values(key):
+                number(v, name, integer=True, low=1)
+        for key in reals:
+            for name, v in values(key):
+                number(v, name, low=0, low_open=True)
+        for key in _BLOCK_TYPES if kind != "text_encoder" else ():
+            value = config.get(key)
+            if value is not None and not (isinstance(value, (list, tuple)) and all(isinstance(b, str) for b in value)):
+                raise InputError(f"{key} must be a list of block type names, got {value!r}")
+        if kind == "unet":
+            return UNetConfig.from_diffusers(config)
+        if kind == "vae":
+            return VAEConfig.from_diffusers(config)
+        return CLIPTextConfig.from_diffusers(config, with_projection=component == "text_encoder_2")
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{source or f'{component} config'}: {e}") from None
+
+
+def _checked_configs(files: Mapping[str, Path | Traversable]) -> dict[str, dict]:
+    """The config dicts of `files` ({component: its config file}), every model's checked by `model_config`."""
+    configs = {}
+    for name, path in files.items():
+        configs[name] = read_json(path)
+        if name == "scheduler":
+            if not isinstance(configs[name].get("_class_name"), str):
+                raise CheckpointError(f"{path}: no \"_class_name\" (the diffusers scheduler class, e.g. "
+                                      f"\"DDIMScheduler\")")
+        else:
+            model_config(name, configs[name], path)
+    return configs
 
 
 def official_configs(family: str) -> tuple[dict[str, dict], dict]:
     """The official diffusers configs of a family (`ldm_inpaint/configs/<family>/`) and its model_index."""
     d = CONFIGS / family
     names = COMPONENTS[family_of_config(family).text_encoders == 2] + ("scheduler",)
-    return {n: _read_json(d / f"{n}.json") for n in names}, _read_json(d / "model_index.json")
+    return _checked_configs({n: d / f"{n}.json" for n in names}), read_model_index(d / "model_index.json")
 
 
-def folder_configs(folder: str | os.PathLike, xl: bool) -> tuple[dict[str, dict], dict]:
-    """The configs of a diffusers-layout folder, as diffusers' `from_single_file(config=folder)` reads them."""
+def read_model_index(path: Path | Traversable) -> dict:
+    """A model_index.json, with the entries read from it checked: `text_encoder_2` (SDXL has one) and
+    `force_zeros_for_empty_prompt`."""
+    index = read_json(path)
+    entry = index.get("text_encoder_2")
+    if entry is not None and not (isinstance(entry, list) and len(entry) == 2):
+        raise CheckpointError(f"{path}: \"text_encoder_2\" must be [library, class] (or [null, null]), "
+                              f"got {entry!r}")
+    if not isinstance(index.get("force_zeros_for_empty_prompt", True), bool):
+        raise CheckpointError(f"{path}: \"force_zeros_for_empty_prompt\" must be true or false, got "
+                              f"{index['force_zeros_for_empty_prompt']!r}")
+    return index
+
+
+def folder_configs(folder: str | os.PathLike) -> tuple[dict[str, dict], dict]:
+    """The configs of a diffusers-layout folder, as diffusers' `from_single_file(config=folder)` reads them, and
+    its model_index.json; SDXL's when that lists a second text encoder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CheckpointError(f"config folder not found: {folder}")
-    configs = {n: _read_json(folder / n / "config.json") for n in COMPONENTS[xl]}
-    configs["scheduler"] = _read_json(folder / "scheduler" / "scheduler_config.json")
-    return configs, _read_json(folder / "model_index.json")
+        raise CheckpointError(f"folder not found: {folder}")
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise CheckpointError(f"{folder}: no model_index.json, so not a diffusers-layout pipeline folder")
+    index = read_model_index(index_file)
+    xl = (index.get("text_encoder_2") or [None])[0] is not None
+    files = {n: folder / n / "config.json" for n in COMPONENTS[xl]}
+    return _checked_configs({**files, "scheduler": folder / "scheduler" / "scheduler_config.json"}), index
 
 
 def read_folder(folder: str | os.PathLike, variant: str | None = None
                 ) -> tuple[dict[str, dict], dict[str, dict[str, torch.Tensor]]]:
     """The configs and per-component tensors of a diffusers-layout SD 1.x / SDXL folder."""
-    index = _read_json(Path(folder) / "model_index.json")
-    xl = bool(index.get("text_encoder_2")) and index["text_encoder_2"][0] is not None
-    configs, _ = folder_configs(folder, xl)
-    return configs, {c: read_component(folder, c, variant) for c in COMPONENTS[xl]}
+    configs, _ = folder_configs(folder)
+    return configs, {c: read_component(folder, c, variant) for c in COMPONENTS["text_encoder_2" in configs]}
+
+
+def packaged_tokenizer_warning(folder: str | os.PathLike, name: str) -> None:
+    """One line on stderr: `folder` has no tokenizer folder `name`, the packaged CLIP vocabulary stands in."""
+    print(f"warning: {folder} has no {name}/; using the CLIP ViT-L/14 BPE vocabulary packaged with ldm_inpaint "
+          f"(49408 tokens) with pad token {TOKENIZER_PADS[name]!r}, as the official repos' {name}/",
+          file=sys.stderr)
 
 
 # --- key tables ---
 
 def _model_configs(configs: Mapping[str, dict]) -> dict:
-    out = {"unet": UNetConfig.from_diffusers(configs["unet"]), "vae": VAEConfig.from_diffusers(configs["vae"]),
-           "text_encoder": CLIPTextConfig.from_diffusers(configs["text_encoder"])}
-    if "text_encoder_2" in configs:
-        out["text_encoder_2"] = CLIPTextConfig.from_diffusers(configs["text_encoder_2"], with_projection=True)
-    return out
+    return {n: model_config(n, configs[n]) for n in COMPONENTS["text_encoder_2" in configs]}
 
 
 def key_tables(configs: Mapping[str, dict]) -> dict[str, tuple[dict[str, str], dict[str, str]]]:
@@ -288,8 +368,8 @@ def read(path: str | os.PathLike, config: str | os.PathLike | None = None, ema: 
     if config is None:
         configs, model_index = official_configs(family)
     else:
-        configs, model_index = folder_configs(config, xl)
-        folder_xl = "text_encoder_2" in model_index and (model_index["text_encoder_2"] or [None])[0] is not None
+        configs, model_index = folder_configs(config)
+        folder_xl = "text_encoder_2" in configs
         if folder_xl != xl:
             raise CheckpointError(f"{name} is {'an SDXL' if xl else 'an SD 1.x'} checkpoint but config folder "
                                   f"{config} holds {'an SDXL' if folder_xl else 'an SD 1.x'} pipeline")

@@ -90,6 +90,10 @@ class UNetConfig:
         for key in ("layers_per_block", "cross_attention_dim", "norm_num_groups"):
             if key in d and not isinstance(d[key], int):
                 raise ValueError(f"UNet config: {key}={d[key]!r} must be a single int")
+        groups = d.get("norm_num_groups", 32)
+        if any(ch % groups for ch in channels):  # every ResBlock and transformer GroupNorm splits its level's width
+            raise ValueError(f"UNet config: norm_num_groups {groups} does not divide every entry of "
+                             f"block_out_channels {list(channels)}")
         sample_size = d.get("sample_size")
         if sample_size is not None and not isinstance(sample_size, int):
             raise ValueError(f"UNet config: sample_size={sample_size!r} must be an int")
