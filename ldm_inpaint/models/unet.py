@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ldm_inpaint.models import attention as attn
 
@@ -352,6 +353,8 @@ class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig = UNetConfig()):
         super().__init__()
         self.cfg = cfg
+        # training: recompute each block's activations in the backward pass instead of keeping them
+        self.gradient_checkpointing = False
         channels, L = cfg.block_out_channels, cfg.layers_per_block
         emb_dim = 4 * channels[0]
 
@@ -428,16 +431,21 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            h, pushed = block(h, emb, context)
+            h, pushed = self._run(block, h, emb, context)
             skips += pushed
 
-        h = self.mid_block(h, emb, context)
+        h = self._run(self.mid_block, h, emb, context)
 
         for block in self.up_blocks:
             popped = [skips.pop() for _ in block.resnets]
             # Upsampling to the next skip's size (2× unless a side was odd on the way down) lets latent
             # sizes that are not multiples of 2^levels through, as diffusers does.
             out_size = skips[-1].shape[-2:] if skips else None
-            h = block(h, popped, emb, context, out_size)
+            h = self._run(block, h, popped, emb, context, out_size)
 
         return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+    def _run(self, block: nn.Module, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
