@@ -134,4 +134,6 @@ def load_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float32, 
         family=family,
         scheduler_config=configs["scheduler"],
         name=os.path.basename(os.path.normpath(os.fspath(model))),
+        configs={"model_index": index, **configs},
+        tokenizer_folder=tokenizer_folder,
     )

@@ -155,7 +155,10 @@ class Pipeline:
 
     def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer,
                  scheduler_config: dict, family: Family = SD15, text_encoder_2: CLIPTextModel | None = None,
-                 tokenizer_2=None, name: str = ""):
+                 tokenizer_2=None, name: str = "", configs: dict[str, dict] | None = None,
+                 tokenizer_folder: str | None = None):
+        """`configs`: the diffusers configs it was loaded from (model_index, unet, vae, …) and
+        `tokenizer_folder` the folder holding its tokenizer/ folders, if any: what a fine-tune writes back."""
         if (text_encoder_2 is not None) != (family.text_encoders == 2):
             raise InputError(f"{family.title} has {family.text_encoders} text encoder(s)")
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
@@ -163,6 +166,7 @@ class Pipeline:
         self.scheduler_config = scheduler_config
         self.family = family
         self.name = name
+        self.configs, self.tokenizer_folder = configs, tokenizer_folder
         # Each model's memory-mapped weights go back to the page cache when its stage of a call is over, so
         # the peak is that of the largest model, not of all of them; the next call maps them in again.
         self.release_weights = True
