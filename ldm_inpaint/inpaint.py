@@ -22,38 +22,15 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from .image import VAE_SCALE, ImageInput
+from .checks import InputError, number
+from .image import VAE_SCALE, ImageInput, has_alpha, normalize_pil, to_pil_list
 
 OUTPAINT_OVERLAP = 8  # px of the original picture repainted along each extended side, so the seam is generated
-
-
-# -- conversions ----------------------------------------------------------------------------------------------
-def to_pil(image, mode: str) -> Image.Image:
-    """One PIL image, array (uint8, or float in [0, 1]) or tensor ([0, 1], or [-1, 1]) → PIL in `mode`."""
-    if isinstance(image, Image.Image):
-        return image if image.mode == mode else image.convert(mode)
-    if isinstance(image, torch.Tensor):
-        x = image.detach().float().cpu()
-        x = x[0] if x.ndim == 4 else x
-        x = (x + 1) / 2 if x.min() < 0 else x  # the pipeline's own reading of tensors in [-1, 1]
-        image = x.permute(1, 2, 0).numpy() if x.ndim == 3 else x.numpy()
-    if isinstance(image, np.ndarray):
-        a = image[0] if image.ndim == 4 else image
-        if a.dtype != np.uint8:
-            a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
-        return Image.fromarray(a.squeeze(-1) if a.ndim == 3 and a.shape[-1] == 1 else a).convert(mode)
-    raise TypeError(f"unsupported image type {type(image).__name__}; give a PIL image, numpy array or tensor")
-
-
-def as_pil_list(images: ImageInput, mode: str) -> list[Image.Image]:
-    if isinstance(images, (list, tuple)):
-        return [to_pil(i, mode) for i in images]
-    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4 and images.shape[0] > 1:
-        return [to_pil(i, mode) for i in images]
-    return [to_pil(images, mode)]
+# The largest side of an outpainted canvas, px: checked before the canvas is allocated (16384² RGB is 0.8 GB;
+# checks.check_memory then tells whether the pipeline can run it at all).
+MAX_CANVAS_SIDE = 16384
 
 
 def _binary(mask: Image.Image) -> np.ndarray:
@@ -65,8 +42,10 @@ def _binary(mask: Image.Image) -> np.ndarray:
 def distance_to(mask: np.ndarray, limit: int) -> np.ndarray:
     """Euclidean distance (px) from every pixel to the nearest True pixel of `mask` (H, W), exact up to `limit`;
     farther pixels get some value > limit (or inf). Two separable passes of shifted minima — along the rows,
-    then down the columns (d² = min over dy of dy² + row distance²) — so the cost is O(limit · H · W)."""
+    then down the columns (d² = min over dy of dy² + row distance²) — so the cost is O(limit · H · W). No
+    distance within the array exceeds its diagonal, so a larger limit changes nothing but the cost."""
     h, w = mask.shape
+    limit = min(limit, math.ceil(math.hypot(h, w)))
     padded = np.pad(mask, ((0, 0), (limit, limit)))
     row = np.full((h, w), np.inf, dtype=np.float32)  # distance to the nearest mask pixel in the same row
     for s in range(-limit, limit + 1):
@@ -81,9 +60,12 @@ def distance_to(mask: np.ndarray, limit: int) -> np.ndarray:
 def edit_mask(mask: Image.Image, invert: bool = False, grow: int = 0) -> Image.Image:
     """Invert (white ⇄ black) and grow by `grow` px (a disk dilation; negative erodes). Either edit binarises
     the mask at 0.5 first; with neither, the mask is returned as it is, so default outputs keep diffusers' parity.
-    An empty mask after a grow is an error: there would be nothing to repaint."""
-    if not isinstance(grow, int) or isinstance(grow, bool):
-        raise ValueError(f"mask_grow must be a whole number of pixels, got {grow!r}")
+    An empty mask after a grow is an error: there would be nothing to repaint. So is a grow by more than the
+    mask's larger side: it makes the mask all white (or empty), and costs time in proportion."""
+    grow = number(grow, "mask_grow", integer=True)
+    if abs(grow) > max(mask.size):
+        raise InputError(f"mask_grow={grow} is more than the mask's larger side ({mask.width}x{mask.height}); give "
+                         f"at most ±{max(mask.size)} px")
     if not invert and grow == 0:
         return mask
     m = _binary(mask)
@@ -94,23 +76,35 @@ def edit_mask(mask: Image.Image, invert: bool = False, grow: int = 0) -> Image.I
     elif grow < 0:
         m = ~(distance_to(~m, -grow) <= -grow)  # keep only pixels farther than |grow| from every kept pixel
     if grow != 0 and not m.any():
-        raise ValueError(f"the mask is empty after mask_grow={grow}: nothing is left to repaint; "
+        raise InputError(f"the mask is empty after mask_grow={grow}: nothing is left to repaint; "
                          "erode less, or give a mask with white pixels")
     return Image.fromarray(np.where(m, 255, 0).astype(np.uint8))
 
 
 def edit_masks(masks: ImageInput, invert: bool = False, grow: int = 0) -> ImageInput:
-    """`edit_mask` on one mask or each of a list; without edits the input comes back untouched."""
+    """Check the mask(s), then `edit_mask` each; without edits the input comes back untouched. A mask with
+    nothing to repaint is an error before any edit, rather than a full run that changes nothing."""
+    grow = number(grow, "mask_grow", integer=True)
+    pictures = to_pil_list(masks, "L", "mask_image")
+    for i, m in enumerate(pictures):
+        if (_binary(m) != invert).any():
+            continue
+        which = "mask_image" if len(pictures) == 1 else f"mask_image {i + 1} of {len(pictures)}"
+        if invert:
+            raise InputError(f"{which} is all white, so with invert_mask it leaves nothing to repaint; black marks "
+                             "what to repaint when inverted")
+        raise InputError(f"{which} is empty (all black: nothing to repaint); white marks what to repaint, or "
+                         "leave the mask out for img2img")
     if not invert and grow == 0:
         return masks
-    edited = [edit_mask(m, invert, grow) for m in as_pil_list(masks, "L")]
+    edited = [edit_mask(m, invert, grow) for m in pictures]
     return edited if len(edited) > 1 else edited[0]
 
 
 def blur_masks(masks: ImageInput, radius: float) -> ImageInput:
-    if radius == 0:
+    if number(radius, "mask_blur", low=0) == 0:
         return masks
-    blurred = [blur_mask(m, radius) for m in as_pil_list(masks, "L")]
+    blurred = [blur_mask(m, radius) for m in to_pil_list(masks, "L", "mask_image")]
     return blurred if len(blurred) > 1 else blurred[0]
 
 
@@ -118,25 +112,30 @@ def blur_mask(mask: Image.Image, radius: float) -> Image.Image:
     """Gaussian blur of standard deviation `radius` px (PIL's GaussianBlur, as diffusers'
     `mask_processor.blur(mask, blur_factor=radius)`); the pipeline then binarises it at 0.5 for the model, so
     the blur rounds the mask's corners, and the overlay of `padding_mask_crop` uses it as a soft alpha."""
-    if radius < 0:
-        raise ValueError(f"mask_blur must be ≥ 0, got {radius}")
+    radius = check_blur(radius, mask)
     return mask if radius == 0 else mask.convert("L").filter(ImageFilter.GaussianBlur(radius))
+
+
+def check_blur(radius: float, mask: Image.Image) -> float:
+    """mask_blur as a float, at most the mask's larger side: a wider blur only washes the mask out (and PIL
+    overflows on huge radii)."""
+    radius = number(radius, "mask_blur", low=0)
+    if radius > max(mask.size):
+        raise InputError(f"mask_blur={radius:g} is wider than the mask ({mask.width}x{mask.height}); give at most "
+                         f"{max(mask.size)} px")
+    return radius
 
 
 def mask_from_alpha(image: Image.Image) -> Image.Image:
     """The repaint mask of an image with an alpha channel: transparent = repaint (white), opaque = keep.
-    Raises ValueError if the image has no alpha channel or no pixel that is even partly transparent."""
+    Raises InputError if the image has no alpha channel or no pixel that is even partly transparent."""
     if not has_alpha(image):
-        raise ValueError(f"the image (mode {image.mode}) has no alpha channel to take a mask from; give a mask")
+        raise InputError(f"the image (mode {image.mode}) has no alpha channel to take a mask from; give a mask")
     alpha = np.asarray(image.convert("RGBA").getchannel("A"))
     if alpha.min() == 255:
-        raise ValueError("the image has an alpha channel but no transparent pixel, so it marks nothing to "
+        raise InputError("the image has an alpha channel but no transparent pixel, so it marks nothing to "
                          "repaint: make the area to repaint transparent, or give a mask")
     return Image.fromarray(255 - alpha)
-
-
-def has_alpha(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
 
 
 # -- "only masked": the crop, and the resizes in and out of it ----------------------------------------------------
@@ -146,7 +145,7 @@ def crop_region(mask: Image.Image, width: int, height: int, pad: int) -> tuple[i
     inside the image; a box that cannot fit stays clamped. diffusers' `get_crop_region`, integer for integer."""
     m = np.asarray(mask.convert("L")) > 0
     if not m.any():
-        raise ValueError("padding_mask_crop needs a mask with something to repaint; this one is empty")
+        raise InputError("padding_mask_crop needs a mask with something to repaint; this one is empty")
     rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
     h, w = m.shape
     x1, y1 = max(int(cols[0]) - pad, 0), max(int(rows[0]) - pad, 0)
@@ -251,7 +250,9 @@ class PasteBack:
     def build(cls, image: ImageInput, mask: ImageInput, preserve: bool, mask_blur: float) -> PasteBack:
         """`mask` as edited but not yet blurred: preserve feathers it by 4·mask_blur + 2 px; otherwise the
         blurred mask is the alpha, as the overlay of diffusers' padding_mask_crop uses the mask it was given."""
-        originals, masks = as_pil_list(image, "RGB"), as_pil_list(mask, "L")
+        originals, masks = to_pil_list(image, "RGB", "image"), to_pil_list(mask, "L", "mask_image")
+        for m in masks:
+            check_blur(mask_blur, m)
         if preserve:
             width = feather_width(mask_blur)
             keeps = [np.rint(255 * (1 - feather(m, width))).astype(np.uint8) for m in masks]
@@ -261,14 +262,14 @@ class PasteBack:
     def crop(self, image: ImageInput, mask: ImageInput, width: int, height: int, pad: int):
         """padding_mask_crop: cut the box around `mask` (+ `pad` px, at least the feather's reach, so the blend
         fits inside), remember it, and return the image and mask of the box resized to width × height."""
-        if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
-            raise ValueError(f"padding_mask_crop must be a whole number of pixels ≥ 0, got {pad!r}")
-        if len(as_pil_list(image, "RGB")) != 1 or len(as_pil_list(mask, "L")) != 1:
-            raise ValueError("padding_mask_crop works on one image and one mask; call once per image")
+        pad = number(pad, "padding_mask_crop", integer=True, low=0)  # a pad past the image is the whole image
+        images, masks = to_pil_list(image, "RGB", "image"), to_pil_list(mask, "L", "mask_image")
+        if len(images) != 1 or len(masks) != 1:
+            raise InputError("padding_mask_crop works on one image and one mask; call once per image")
         # PIL inputs keep their mode through the resize, as in diffusers (an RGBA image resizes premultiplied)
         image, mask = (x[0] if isinstance(x, (list, tuple)) else x for x in (image, mask))
-        image = image if isinstance(image, Image.Image) else to_pil(image, "RGB")
-        mask = mask if isinstance(mask, Image.Image) else to_pil(mask, "L")
+        image = normalize_pil(image, "RGB", "image") if isinstance(image, Image.Image) else images[0]
+        mask = normalize_pil(mask, "L", "mask_image") if isinstance(mask, Image.Image) else masks[0]
         self.box = crop_region(mask, width, height, max(pad, math.ceil(self.reach)))
         return crop_and_fill(image, self.box, width, height), crop_and_fill(mask, self.box, width, height)
 
@@ -295,16 +296,18 @@ def extend_canvas(image: Image.Image, left: int, top: int, right: int, bottom: i
     """The image on a canvas `left`…`bottom` px larger, the new border filled by repeating the edge pixels, and
     the mask of what to paint: the border plus `overlap` px into the image along each extended side. Width and
     height are rounded up to a multiple of 8, the extra pixels going to the right (bottom) border, or to the left
-    (top) one when only that side is extended."""
-    sides = dict(left=left, top=top, right=right, bottom=bottom)
-    for name, v in sides.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"outpaint sizes must be whole numbers ≥ 0, got {name}={v!r}")
-    if not any(sides.values()):
-        raise ValueError("outpaint needs at least one of left, top, right, bottom > 0")
-    if overlap < 0:
-        raise ValueError(f"outpaint overlap must be ≥ 0, got {overlap}")
+    (top) one when only that side is extended. A canvas side over MAX_CANVAS_SIDE is refused before anything
+    is allocated."""
+    left, top, right, bottom = (number(v, f"outpaint {name}", integer=True, low=0)
+                                for name, v in dict(left=left, top=top, right=right, bottom=bottom).items())
+    if not (left or top or right or bottom):
+        raise InputError("outpaint needs at least one of left, top, right, bottom > 0")
+    overlap = number(overlap, "outpaint overlap", integer=True, low=0)
     w, h = image.width + left + right, image.height + top + bottom
+    if max(w, h) > MAX_CANVAS_SIDE:
+        raise InputError(f"outpainting {image.width}x{image.height} by left {left}, top {top}, right {right}, "
+                         f"bottom {bottom} makes a {w}x{h} canvas; extend by less: at most {MAX_CANVAS_SIDE} px "
+                         "a side")
     extra_w, extra_h = -w % VAE_SCALE, -h % VAE_SCALE
     if left and not right:
         left += extra_w
@@ -318,7 +321,7 @@ def extend_canvas(image: Image.Image, left: int, top: int, right: int, bottom: i
     keep = [left + (overlap if left else 0), top + (overlap if top else 0),
             left + image.width - (overlap if right else 0), top + image.height - (overlap if bottom else 0)]
     if keep[0] >= keep[2] or keep[1] >= keep[3]:
-        raise ValueError(f"the image ({image.width}x{image.height}) is too small for an outpaint overlap of "
+        raise InputError(f"the image ({image.width}x{image.height}) is too small for an outpaint overlap of "
                          f"{overlap} px on both sides")
     mask = np.full(pixels.shape[:2], 255, dtype=np.uint8)
     mask[keep[1]:keep[3], keep[0]:keep[2]] = 0
@@ -339,7 +342,10 @@ def outpaint(pipe, prompt, image: ImageInput, left: int = 0, top: int = 0, right
             height and width default to the canvas size.
     Returns the pipeline's output; its images have the canvas size.
     """
-    canvas, mask = extend_canvas(to_pil(image, "RGB"), left, top, right, bottom, overlap)
+    images = to_pil_list(image, "RGB", "image")
+    if len(images) != 1:
+        raise InputError(f"outpaint extends one image, got {len(images)}; call it once per image")
+    canvas, mask = extend_canvas(images[0], left, top, right, bottom, overlap)
     call_kwargs.setdefault("height", canvas.height)
     call_kwargs.setdefault("width", canvas.width)
     return pipe(prompt, image=canvas, mask_image=mask, **call_kwargs)
