@@ -230,6 +230,13 @@ class Pipeline:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents.to(self.vae_dtype) / self.vae.cfg.scaling_factor)
 
+    def load_lora(self, path, scale: float = 1.0) -> None:
+        """Merge a LoRA file (kohya / A1111 / ComfyUI, or diffusers' layout) into the UNet and text encoder
+        weights, `scale` times; several files stack. See lora.py."""
+        from .lora import load_lora
+
+        load_lora(self, path, scale)
+
     # -- the call -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str] | None = None, **options) -> PipelineOutput:

@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="9-channel models: re-impose the known region's latents each step")
     g.add_argument("--outpaint", default=None, metavar="LEFT,TOP,RIGHT,BOTTOM",
                    help="extend the image by these many px on each side and paint the border (no --mask)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA file (kohya / A1111 / ComfyUI or diffusers layout) at SCALE (default 1); "
+                        "repeat to stack several")
     p.add_argument("--attention-maps", default=None, metavar="DIR",
                    help="write each prompt token's cross-attention map as a heat overlay on the output, "
                         "DIR/NN_token.png (DIR/<image index>/… for several images)")
@@ -88,6 +91,21 @@ def parse_sides(text: str) -> dict[str, int]:
     if len(parts) != 4 or not all(p.strip().lstrip("-").isdigit() for p in parts):
         raise InputError(f"--outpaint {text!r}: give four whole numbers of pixels, LEFT,TOP,RIGHT,BOTTOM")
     return dict(zip(("left", "top", "right", "bottom"), (int(p) for p in parts)))
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """"FILE[:SCALE]" → (file, scale), the file checked to exist. A colon followed by no number belongs to the
+    file name (C:\\loras\\x.safetensors)."""
+    from .checks import InputError, number
+
+    file, _, scale = spec.rpartition(":")
+    try:
+        value = float(scale)
+    except ValueError:
+        file, value = spec, 1.0
+    if not file or not os.path.isfile(file):
+        raise InputError(f"--lora {spec!r}: no such file (give FILE or FILE:SCALE)")
+    return file, number(value, "--lora scale")
 
 
 def output_paths(out: str, n: int, overwrite: bool) -> list[str]:
@@ -148,6 +166,7 @@ def run(args: argparse.Namespace) -> list[str]:
     image = load_image(args.image) if args.image else None
     mask = load_image(args.mask) if args.mask else None
     sides = parse_sides(args.outpaint) if args.outpaint else None
+    loras = [parse_lora(spec) for spec in args.lora]
     if sides is not None:
         if image is None or mask is not None:
             raise InputError("--outpaint needs --image and makes its own mask: leave out --mask")
@@ -166,6 +185,8 @@ def run(args: argparse.Namespace) -> list[str]:
     seed = secrets.randbelow(2**31) if random_seed else checks.number(args.seed, "--seed", integer=True, low=0,
                                                                       high=2**64 - 1)
     pipe = load_pipeline(args.model, dtype=dtype, device=device)
+    for file, lora_scale in loras:
+        pipe.load_lora(file, lora_scale)
     scheduler = args.scheduler or pipe.scheduler_config.get("_class_name", "")  # for the PNG: what ran
     kwargs = dict(negative_prompt=args.negative_prompt, prompt_2=args.prompt_2,
                   negative_prompt_2=args.negative_prompt_2, num_inference_steps=args.steps,
@@ -188,6 +209,8 @@ def run(args: argparse.Namespace) -> list[str]:
                       strength=args.strength or "default", model=args.model, dtype=args.dtype, **picture)
     if sides is not None:
         parameters["outpaint"] = args.outpaint
+    if loras:
+        parameters["lora"] = [f"{file}:{lora_scale:g}" for file, lora_scale in loras]
     if pipe.family.text_encoders == 2:
         parameters.update(prompt_2=args.prompt_2 or args.prompt, negative_prompt_2=args.negative_prompt_2 or "")
     if args.conventions != "diffusers":
