@@ -75,8 +75,8 @@ def load_image(path: str | os.PathLike, name: str = "image") -> Image.Image:
                 im.load()
                 return ImageOps.exif_transpose(im)  # a copy, upright
     except Image.DecompressionBombError as e:
-        raise InputError(f"{name} {path} is too large for PIL to open ({e}); give a smaller picture, or raise "
-                         "PIL.Image.MAX_IMAGE_PIXELS") from e
+        raise InputError(f"{name} {path} is more than the {limit / 1e6:g} megapixels this reads ({e}); give a "
+                         "smaller picture") from e
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise InputError(f"cannot read {path} as an image ({e}); give a PNG or JPEG file") from e
 

@@ -500,8 +500,8 @@ class Pipeline:
         image, mask_image = req.image, req.mask_image
         if mask_image is not None and image is None:
             raise InputError("mask_image was given without image: pass the image to inpaint as well")
-        if task == "inpaint" and image_size(image) != image_size(mask_image):
-            (h, w), (mh, mw) = image_size(image), image_size(mask_image)
+        if task == "inpaint" and image_size(image) != image_size(mask_image, "mask_image"):
+            (h, w), (mh, mw) = image_size(image), image_size(mask_image, "mask_image")
             raise InputError(f"image is {w}x{h} but mask_image is {mw}x{mh}: give a mask of the image's size")
         if self.unet.cfg.in_channels == 9 and task != "inpaint":
             raise InputError(f"{self.name or 'this'} is an inpainting model (9-channel UNet): give both an image "

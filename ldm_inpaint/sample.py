@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> list[str]:
     dtype = getattr(torch, DTYPES[args.dtype])
     checks.number(args.num_images, "--num-images", integer=True, low=1)
     image = load_image(args.image) if args.image else None
-    mask = load_image(args.mask) if args.mask else None
+    mask = load_image(args.mask, "mask") if args.mask else None
     sides = parse_sides(args.outpaint) if args.outpaint else None
     loras = [parse_lora(spec) for spec in args.lora]
     if sides is not None:

@@ -269,7 +269,8 @@ def test_cli_keeps_the_picture_like_the_python_api(sd_inpaint_dir, tmp_path):
     assert Image.open(out).text["preserve_unmasked"] == "True"
 
     assert main(["--model", str(sd_inpaint_dir), "--image", str(tmp_path / "photo.png"), "--prompt", "a cat",
-                 "--steps", "1", "--seed", "3", "--no-progress", "--out", str(out), "--outpaint", "8,0,0,0"]) == 0
+                 "--steps", "1", "--seed", "3", "--no-progress", "--out", str(out), "--outpaint", "8,0,0,0",
+                 "--overwrite"]) == 0
     assert Image.open(out).size == (W + 8, H)
 
 

@@ -70,10 +70,10 @@ def test_inpaint_accepts_mask_modes_as_diffusers(inpaint, mode):
     run_both(ours, ref, prompt="a cat", image=make_image(), mask_image=make_mask().convert(mode), height=H, width=W)
 
 
-@pytest.mark.parametrize("fill", [0, 255])
-def test_inpaint_empty_and_full_masks_match_diffusers(inpaint, fill):
+def test_inpaint_full_mask_matches_diffusers(inpaint):
+    """(An all-black mask, which diffusers runs to no effect, is refused: tests/test_image_inputs.py.)"""
     ours, ref = inpaint
-    mask = Image.new("L", (W, H), fill)
+    mask = Image.new("L", (W, H), 255)
     run_both(ours, ref, prompt="a cat", image=make_image(), mask_image=mask, height=H, width=W)
 
 
