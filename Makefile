@@ -1,7 +1,7 @@
 PY ?= .venv/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-all bench parity-report
+.PHONY: install test test-all bench parity-report demo demo-model
 
 # A virtual environment with the CPU build of torch (from local disk here) installed before the project,
 # so the project's `torch>=2.1` is already satisfied and no CUDA wheel is fetched.
@@ -28,3 +28,13 @@ parity-report:
 		tests/test_pipeline.py tests/test_sdxl.py tests/test_pipeline_schedulers.py tests/test_open_pipeline.py
 	$(PY) tests/parity.py parity.tsv  # the table to paste into docs/parity.md
 	rm parity.tsv
+
+# set-up on a fresh machine, then one inpainting run with the demo model that ships with the package
+demo: install
+	$(PY) -m ldm_inpaint.sample --image ldm_inpaint/demo/image.png --mask ldm_inpaint/demo/mask.png \
+		--prompt "a red circle on a white background" --steps 30 --seed 1 --out demo.png --overwrite
+	@echo "make demo: wrote demo.png (the white square of ldm_inpaint/demo/mask.png repainted)"
+
+# the demo model, trained from scratch by ldm_inpaint.train (docs/training.md); work files in ldm_inpaint/demo/work/
+demo-model:
+	$(PY) -m ldm_inpaint.train.demo --out ldm_inpaint/demo

@@ -32,6 +32,9 @@ from .pipeline import Pipeline
 from .tokenizer import CLIPTokenizer, load_tokenizer
 
 
+DEMO_MODEL = os.path.join(os.path.dirname(__file__), "demo", "model")  # load_pipeline("demo")
+
+
 def _build(model_cls, cfg, tensors, key_map, what, dtype, device, ignore=()) -> nn.Module:
     with torch.device("meta"):
         model = model_cls(cfg)
@@ -92,7 +95,8 @@ def load_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float32, 
     Args:
         model: a folder, a repo id (`owner/name[@revision]`, e.g. "stable-diffusion-v1-5/stable-diffusion-inpainting"),
             or a `.safetensors` / `.ckpt` file in the original CompVis or Stability layout (SD 1.x, SD 1.x
-            inpainting, SDXL base, SDXL inpainting; the family is detected from the keys and shapes).
+            inpainting, SDXL base, SDXL inpainting; the family is detected from the keys and shapes), or "demo":
+            the small inpainting model trained by this package and shipped with it (docs/training.md).
         dtype: weights and compute dtype (torch.float32, torch.bfloat16, torch.float16).
         device: where the models run.
         revision, cache_dir, local_files_only: as in huggingface_hub, for repo ids.
@@ -104,6 +108,8 @@ def load_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float32, 
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
     hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    if os.fspath(model) == "demo":
+        model = DEMO_MODEL
     if os.path.isfile(model) and os.fspath(model).endswith(CHECKPOINT_SUFFIXES):
         config_folder = None if config is None else resolve(config, **hub)
         sf = single_file.read(model, config=config_folder, ema=use_ema)

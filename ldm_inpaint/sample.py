@@ -13,7 +13,6 @@ import os
 import secrets
 import sys
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-inpainting"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 LARGE_INPUT = 2_000_000  # pixels; above this, and with no size or crop given, the cost is said up front
 
@@ -34,7 +33,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(prog="python -m ldm_inpaint.sample", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers-layout folder or hub repo id (owner/name[@rev])")
+    p.add_argument("--model", default="demo", help="diffusers-layout folder, hub repo id (owner/name[@rev]) or "
+                   "single checkpoint file; default: the small demo model that ships with the package")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--prompt-2", default=None, help="SDXL: the second text encoder's prompt (default: --prompt)")
@@ -184,6 +184,9 @@ def run(args: argparse.Namespace) -> list[str]:
     random_seed = args.seed is None or args.seed == -1
     seed = secrets.randbelow(2**31) if random_seed else checks.number(args.seed, "--seed", integer=True, low=0,
                                                                       high=2**64 - 1)
+    if args.model == "demo":
+        print("note: no --model given: using the small demo model that ships with ldm_inpaint (shapes in 6 colours "
+              "at 128x128, docs/training.md); give --model for Stable Diffusion", file=sys.stderr)
     pipe = load_pipeline(args.model, dtype=dtype, device=device)
     for file, lora_scale in loras:
         pipe.load_lora(file, lora_scale)

@@ -2,7 +2,7 @@
 encoder classes as Stable Diffusion 1.5, at small widths, with the standard CLIP tokenizer), trained from scratch
 by this package's own training code on the procedural shapes of shapes.py.
 
-    make demo-model       # python -m ldm_inpaint.train.demo --out ldm_inpaint/demo
+    make demo-model       # python -m ldm_inpaint.train.demo --out ldm_inpaint/demo (work files in its work/)
 
 The recipe, fixed seeds throughout:
     1. the VAE alone, as an autoencoder (L1 reconstruction + a tiny KL term, LDM's autoencoder loss without the
@@ -35,10 +35,12 @@ from ..tokenizer import EOS_TOKEN, CLIPTokenizer
 from .data import collate
 from .export import save_folder
 from .loop import Trainer, TrainConfig
-from .shapes import ShapesDataset
+from .shapes import ShapesDataset, demo_inputs
+from .sheet import line_plot
 
 SIZE = 128  # pixels; latents are 16 × 16
 TEXT_WIDTH = 64
+INITIAL_LOGVAR = -6.0  # the VAE posterior's starting log-variance
 
 CONFIGS = {
     "model_index": {"_class_name": "StableDiffusionInpaintPipeline", "_diffusers_version": "0.42.1",
@@ -104,6 +106,8 @@ def random_pipeline(seed: int) -> Pipeline:
 def train_vae(vae: AutoencoderKL, recipe: Recipe, log) -> float:
     """Stage 1: the autoencoder on shape pictures; returns the latent scale 1/std (SD: 0.18215)."""
     data = ShapesDataset(recipe.vae_steps * recipe.vae_batch, SIZE, seed=recipe.seed + 1, masks=None)
+    with torch.no_grad():  # start from a nearly deterministic posterior (σ ≈ 0.05): with the default σ ≈ 1 the
+        vae.quant_conv.bias[vae.cfg.latent_channels:] = INITIAL_LOGVAR  # noise drowned the latents, loss stalled
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     vae.train().requires_grad_(True)
     g = torch.Generator().manual_seed(recipe.seed)
@@ -114,7 +118,8 @@ def train_vae(vae: AutoencoderKL, recipe: Recipe, log) -> float:
             recon = vae.decode(posterior.sample(g))
         mean, logvar = posterior.mean.float(), posterior.logvar.float()
         kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
-        loss = (recon.float() - x).abs().mean() + recipe.kl_weight * kl
+        error = recon.float() - x
+        loss = error.abs().mean() + (error**2).mean() + recipe.kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -174,6 +179,14 @@ def build(out: Path, recipe: Recipe) -> Path:
         log(dict(stage="unet", step=r["step"], loss=r["loss"]))
     with trainer.ema_weights():
         save_folder(pipe, pipe.configs, out / "model", dtype=torch.float16)
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    for stage, name in (("vae", "vae_loss.png"), ("unet", "loss.png")):
+        steps = [r for r in records if r["stage"] == stage]
+        line_plot([r["step"] for r in steps], [r["loss"] for r in steps], out / name,
+                  title=f"demo model, {stage.upper()} stage: training loss", xlabel="step")
+    image, mask = demo_inputs("white", SIZE)  # what `make demo` inpaints
+    image.save(out / "image.png")
+    mask.save(out / "mask.png")
     return out / "model"
 
 
