@@ -32,7 +32,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..checks import InputError
+from ..checks import InputError, number
 from ..pipeline import Pipeline
 from .data import collate
 from .objective import Objective, inpainting_input, sample_generator
@@ -71,8 +71,6 @@ class TrainConfig:
     validation_steps: int = 20
 
     def check(self) -> None:
-        from ..checks import number
-
         number(self.steps, "steps", integer=True, low=1)
         number(self.batch_size, "batch_size", integer=True, low=1)
         number(self.grad_accum, "grad_accum", integer=True, low=1)
