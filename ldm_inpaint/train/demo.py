@@ -20,7 +20,6 @@ import dataclasses
 import json
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -86,11 +85,6 @@ class Recipe:
     warmup: int = 100
     ema_decay: float = 0.995
     caption_dropout: float = 0.1
-
-
-def packaged() -> Path:
-    """The demo model folder inside the installed package."""
-    return Path(str(resources.files("ldm_inpaint") / "demo" / "model"))
 
 
 def random_pipeline(seed: int) -> Pipeline:

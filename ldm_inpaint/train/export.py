@@ -16,11 +16,10 @@ import weights_convert.clip as clip_keys
 import weights_convert.unet as unet_keys
 import weights_convert.vae as vae_keys
 from weights_convert.common import WEIGHT_FILES
+from weights_convert.single_file import TOKENIZER_PADS
 
 from ..pipeline import Pipeline
-from ..tokenizer import EOS_TOKEN, write_tokenizer_folder
-
-TOKENIZER_PADS = {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"}  # OpenCLIP's tokenizer pads with "!"
+from ..tokenizer import write_tokenizer_folder
 
 
 def component_tensors(pipe: Pipeline) -> dict[str, dict[str, torch.Tensor]]:
